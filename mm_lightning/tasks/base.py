@@ -1,0 +1,111 @@
+"""What every task shares: AdamW with sensible weight-decay groups and a warmup + cosine schedule.
+
+Tasks subclass :class:`Task` and pass their optimizer arguments through ``**kwargs``, so
+``--model.lr``, ``--model.weight_decay``, ``--model.warmup_epochs`` ... mean the same in
+every config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import lightning as L
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0 to 1 over ``warmup_steps``, then cosine to ``min_lr_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def no_decay_names(module: nn.Module) -> set[str]:
+    """Parameter names exempt from weight decay: norms, biases (ndim <= 1), and what timm models
+    declare in ``no_weight_decay()`` (position embeddings, class tokens), at any depth."""
+    names = {n for n, p in module.named_parameters() if p.ndim <= 1}
+    for prefix, sub in module.named_modules():
+        declared = getattr(sub, "no_weight_decay", None)
+        if callable(declared):
+            for name in declared():
+                names.add(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def param_groups(module: nn.Module, weight_decay: float, extra_no_decay: Iterable[str] = ()) -> list[dict]:
+    """Two AdamW groups: decayed weights and the exempt parameters (see :func:`no_decay_names`)."""
+    exempt = no_decay_names(module) | set(extra_no_decay)
+    decay, keep = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (keep if name in exempt else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": keep, "weight_decay": 0.0},
+    ]
+
+
+class Task(L.LightningModule):
+    """Base LightningModule: optimizer and schedule configuration shared by all tasks.
+
+    Args:
+        lr: peak learning rate of AdamW.
+        weight_decay: decoupled weight decay on weight matrices (never norms, biases,
+            position embeddings, class tokens or temperatures).
+        betas: AdamW's betas.
+        warmup_epochs: linear warmup length in epochs (fractions allowed).
+        warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs`` when > 0.
+        min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        schedule: ``cosine`` (after warmup) or ``constant``.
+    """
+
+    #: metric that picks the best checkpoint, and whether higher is better
+    monitor: str | None = None
+    monitor_mode: str = "max"
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        schedule: str = "cosine",
+    ) -> None:
+        super().__init__()
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"model.schedule must be 'cosine' or 'constant', got {schedule!r}")
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.warmup_epochs = warmup_epochs
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.schedule = schedule
+
+    def no_weight_decay_extra(self) -> set[str]:
+        """Names (relative to the task) of further parameters to exempt from weight decay."""
+        return set()
+
+    def optimized_module(self) -> nn.Module:
+        """The module whose parameters the main optimizer trains (the whole task by default)."""
+        return self
+
+    def configure_optimizers(self):
+        groups = param_groups(self.optimized_module(), self.weight_decay, self.no_weight_decay_extra())
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = self.warmup_steps
+        if warmup <= 0 and self.warmup_epochs > 0:
+            warmup = int(self.warmup_epochs * total / max(1, self.trainer.max_epochs or 1))
+        if self.schedule == "constant":
+            lam = lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0  # noqa: E731
+        else:
+            lam = lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)  # noqa: E731
+        scheduler = LambdaLR(optimizer, lam)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
