@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import lightning as L
 import torch
@@ -61,6 +62,11 @@ class Task(L.LightningModule):
         warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs`` when > 0.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
         schedule: ``cosine`` (after warmup) or ``constant``.
+        activation_checkpointing: recompute the activations of each transformer block in the
+            backward pass instead of storing them (less memory, ~30% more compute); the blocks
+            come from :meth:`transformer_blocks`.
+        compile: ``torch.compile`` each transformer block (or the whole trained module when it
+            has none) in place; checkpoints keep their parameter names.
     """
 
     #: metric that picks the best checkpoint, and whether higher is better
@@ -76,6 +82,8 @@ class Task(L.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         schedule: str = "cosine",
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if schedule not in ("cosine", "constant"):
@@ -87,6 +95,9 @@ class Task(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
         self.schedule = schedule
+        self.activation_checkpointing = activation_checkpointing
+        self.torch_compile = compile
+        self._model_configured = False
 
     def no_weight_decay_extra(self) -> set[str]:
         """Names (relative to the task) of further parameters to exempt from weight decay."""
@@ -95,6 +106,86 @@ class Task(L.LightningModule):
     def optimized_module(self) -> nn.Module:
         """The module whose parameters the main optimizer trains (the whole task by default)."""
         return self
+
+    # --------------------------------------------------- efficient training (mm_lightning.parallel)
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The repeated blocks that FSDP shards, tensor parallelism splits and checkpointing wraps.
+
+        By default found in :meth:`optimized_module` by
+        :func:`mm_lightning.parallel.find_transformer_blocks` (timm ViT blocks, ``nn.TransformerEncoderLayer``,
+        Hugging Face ``_no_split_modules``, else the most repeated module of a ``ModuleList``/``Sequential``).
+        Override to choose others.
+        """
+        from mm_lightning.parallel import find_transformer_blocks
+
+        return find_transformer_blocks(self.optimized_module())
+
+    def tensor_parallel_plan(self, block: nn.Module, tp_size: int) -> dict[str, Any] | None:
+        """The tensor-parallel plan of one block (see :func:`mm_lightning.parallel.tensor_parallel_plan`)."""
+        from mm_lightning.parallel import tensor_parallel_plan
+
+        return tensor_parallel_plan(block, tp_size)
+
+    def parallel_roots(self) -> list[nn.Module]:
+        """Modules that FSDP2 shards as roots (after the blocks): :meth:`optimized_module`, or else every
+        child with trainable parameters (torchmetrics metrics excluded)."""
+        from torchmetrics import Metric
+
+        trained = self.optimized_module()
+        if trained is not self:
+            return [trained]
+        return [
+            child
+            for child in self.children()
+            if not isinstance(child, Metric) and any(p.requires_grad for p in child.parameters())
+        ]
+
+    def configure_model(self) -> None:
+        """Apply the efficient-training switches once, before the optimizer is built.
+
+        Under Lightning's ``ModelParallelStrategy`` (and :class:`mm_lightning.parallel.ModelParallel`):
+        tensor parallelism of the blocks when the mesh's ``tensor_parallel`` axis is > 1, activation
+        checkpointing, compile, then FSDP2 over the ``data_parallel`` axis. Under any other strategy:
+        activation checkpointing and compile. Subclasses that override this call ``super().configure_model()``.
+        """
+        if self._model_configured:  # Lightning calls this hook again for each trainer.fit/test/...
+            return
+        self._model_configured = True
+        if not (self.activation_checkpointing or self.torch_compile or self._model_parallel_strategy() is not None):
+            return
+        from mm_lightning import parallel
+
+        blocks = self.transformer_blocks()
+        strategy = self._model_parallel_strategy()
+        if strategy is not None:
+            parallel.parallelize_task(
+                self,
+                strategy,
+                blocks,
+                self.parallel_roots(),
+                activation_checkpointing=self.activation_checkpointing,
+                compile_blocks=self.torch_compile and bool(blocks),
+                plan_fn=self.tensor_parallel_plan,
+            )
+            if self.torch_compile and not blocks:
+                self.optimized_module().compile()
+            return
+        if self.activation_checkpointing:
+            if not blocks:
+                raise ValueError(
+                    f"model.activation_checkpointing: {type(self).__name__} has no transformer blocks to checkpoint;"
+                    " override transformer_blocks()"
+                )
+            blocks = parallel.apply_activation_checkpointing(self, blocks)
+        if self.torch_compile:
+            parallel.compile_modules(blocks or [self.optimized_module()])
+
+    def _model_parallel_strategy(self) -> Any:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        return strategy if isinstance(strategy, ModelParallelStrategy) else None
 
     def configure_optimizers(self):
         groups = param_groups(self.optimized_module(), self.weight_decay, self.no_weight_decay_extra())

@@ -76,6 +76,14 @@ class ImageClassifier(Task):
     def optimized_module(self) -> torch.nn.Module:
         return self.model
 
+    def configure_model(self) -> None:
+        if self.ema is not None and self._model_parallel_strategy() is not None:
+            raise ValueError(
+                "model.ema_decay: the weight EMA keeps an unsharded copy of the model, which FSDP / tensor parallel"
+                " (ModelParallel strategies) do not support; unset model.ema_decay or use DDP"
+            )
+        super().configure_model()
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model(image)
 
