@@ -127,6 +127,12 @@ class MMLightningCLI(LightningCLI):
         elif ckpt and not os.path.isfile(ckpt) and ckpt not in ("best", "hpc"):
             raise UsageError(f"--ckpt_path {ckpt}: no such checkpoint file")
         requeued = glob.glob(os.path.join(root, "hpc_ckpt_*.ckpt"))
+        if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:  # a requeued SLURM job: resume its own run
+            last = os.path.join(root, "checkpoints", "last.ckpt")
+            candidates = requeued + ([last] if os.path.isfile(last) else [])
+            newest = max(candidates, key=os.path.getmtime, default=None)  # what the preempted job saved last
+            cfg.ckpt_path = newest or cfg.ckpt_path  # none yet: start over in the same directory
+            return
         if not ckpt and not requeued and os.path.exists(os.path.join(root, "config.yaml")) and _is_rank_zero():
             raise UsageError(
                 f"{root} already holds a run: resume it with --ckpt_path last, or choose another --trainer.default_root_dir"
