@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from experiments.common import load_task_and_data
 from mm_lightning.tasks.base import param_groups, warmup_cosine
 
 
@@ -209,42 +210,6 @@ def gather_full_state_dict(stage: ViTStage) -> dict[str, torch.Tensor] | None:
 
 
 # ------------------------------------------------------------------------------------- CLI
-def load_task_and_data(configs: list[str], overrides: list[str] | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """Build the task and ``WebDataModule`` of an ``experiments.run`` config (stacked files, then ``--key=value``).
-
-    Only the ``model``, ``data`` and ``seed_everything`` sections are read; the others are ignored.
-    """
-    import lightning as L
-    import yaml
-    from jsonargparse import ArgumentParser
-
-    from mm_lightning.data.datamodule import WebDataModule
-
-    merged: dict[str, Any] = {}
-    for path in configs:
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --config {path}: no such file")
-        with open(path) as f:
-            _merge(merged, yaml.safe_load(f) or {})
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(L.LightningModule, "model", required=True)
-    parser.add_class_arguments(WebDataModule, "data")
-    cfg = parser.parse_object({"model": merged.get("model"), "data": merged.get("data", {})})
-    for item in overrides or []:
-        key, _, value = item.lstrip("-").partition("=")
-        cfg = parser.parse_args([f"--{key}={value}"], namespace=cfg)
-    init = parser.instantiate_classes(cfg)
-    return init.model, init.data, merged
-
-
-def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]]) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of ``model`` over a loader of ``image``/``label`` batches."""

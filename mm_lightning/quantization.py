@@ -1,0 +1,145 @@
+"""Post-training quantization of trained models (torchao, or PyTorch's own kernels), and 4-bit LLM loading.
+
+:func:`quantize_model` converts the ``nn.Linear`` layers of a module in place:
+
+=====================  =====================================================  ===========================
+method                 what                                                   backends
+=====================  =====================================================  ===========================
+``int8-dynamic``       int8 weights, activations quantized per batch on the   ``pytorch`` (CPU default:
+                       fly; int8 matrix products                              x86/fbgemm kernels),
+                                                                              ``torchao`` (GPU default)
+``int8-weight-only``   int8 weights dequantized in the matmul (memory bound)  ``torchao``
+``int4-weight-only``   int4 weights in groups of ``group_size`` inputs        ``torchao`` (packed tinygemm
+                                                                              on CUDA; on CPU unpacked
+                                                                              to int8 storage)
+=====================  =====================================================  ===========================
+
+torchao's int8-dynamic kernels are fast on CPU only under ``torch.compile`` (eager they are
+~3x slower than float here, see ``../shared/notes/machine.md`` and docs/efficiency.md), so on CPU
+``auto`` picks PyTorch's ``quantize_dynamic``. 4-bit NF4 loading of large language models with
+bitsandbytes is :func:`load_causal_lm_nf4` (a hook for the multimodal-LLM task; Lightning's
+``BitsandbytesPrecision`` refuses CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+Method = Literal["int8-dynamic", "int8-weight-only", "int4-weight-only"]
+METHODS: tuple[str, ...] = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
+Backend = Literal["auto", "torchao", "pytorch"]
+
+
+class QuantizationUnavailable(RuntimeError):
+    """The requested method cannot run with the installed packages or on this device."""
+
+
+def has_torchao() -> bool:
+    return importlib.util.find_spec("torchao") is not None
+
+
+def resolve_backend(method: str, backend: str = "auto", device: str = "cpu") -> str:
+    """The backend that runs ``method`` (see the module docstring); raises :class:`QuantizationUnavailable`."""
+    if method not in METHODS:
+        hint = " (4-bit NF4 is for loading LLMs: mm_lightning.quantization.load_causal_lm_nf4)" if method == "nf4" else ""
+        raise QuantizationUnavailable(f"--method {method!r}: choose one of {', '.join(METHODS)}{hint}")
+    if backend == "auto":
+        if method == "int8-dynamic" and device == "cpu":
+            backend = "pytorch"
+        else:
+            backend = "torchao"
+    if backend == "pytorch" and method != "int8-dynamic":
+        raise QuantizationUnavailable(
+            f"--method {method} --backend pytorch: PyTorch's own quantization has only int8-dynamic; use --backend torchao"
+        )
+    if backend == "torchao" and not has_torchao():
+        raise QuantizationUnavailable(f"--method {method} needs torchao: pip install 'mm-lightning[quant]'")
+    if backend == "pytorch" and "x86" not in torch.backends.quantized.supported_engines and "fbgemm" not in (
+        torch.backends.quantized.supported_engines
+    ):
+        raise QuantizationUnavailable("PyTorch's int8 kernels (x86/fbgemm) are not in this build; use --backend torchao")
+    if backend not in ("torchao", "pytorch"):
+        raise QuantizationUnavailable(f"--backend must be auto, torchao or pytorch, got {backend!r}")
+    return backend
+
+
+def quantize_model(module: nn.Module, method: str, backend: str = "auto", group_size: int = 32, device: str = "cpu") -> str:
+    """Quantize the ``nn.Linear`` layers of ``module`` in place for inference; returns the backend used.
+
+    ``int4-weight-only`` skips layers whose input width ``group_size`` does not divide (they stay float).
+    Raises :class:`QuantizationUnavailable` naming the method when it cannot run here.
+    """
+    backend = resolve_backend(method, backend, device)
+    module.eval()
+    if backend == "pytorch":
+        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+        engines = torch.backends.quantized.supported_engines
+        torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
+        # per-tensor weight scales: the x86 kernels' fast path, ~8% smaller than per-channel here
+        quantize_dynamic(module, {nn.Linear: default_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        return backend
+    from torchao.quantization import quantize_
+
+    def linear(mod: nn.Module, fqn: str) -> bool:
+        return isinstance(mod, nn.Linear)
+
+    if method == "int8-dynamic":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+        quantize_(module, Int8DynamicActivationInt8WeightConfig(), filter_fn=linear)
+    elif method == "int8-weight-only":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantize_(module, Int8WeightOnlyConfig(), filter_fn=linear)
+    else:
+
+        def grouped(mod: nn.Module, fqn: str) -> bool:
+            return isinstance(mod, nn.Linear) and mod.in_features % group_size == 0
+
+        if device == "cuda":
+            from torchao.quantization import Int4WeightOnlyConfig
+
+            quantize_(module, Int4WeightOnlyConfig(group_size=group_size), filter_fn=grouped)
+        else:
+            from torchao.quantization import IntxWeightOnlyConfig, PerGroup
+
+            quantize_(module, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size)), filter_fn=grouped)
+    return backend
+
+
+# --------------------------------------------------------------------------- bitsandbytes hook
+def nf4_config(compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True) -> Any:
+    """A ``transformers.BitsAndBytesConfig`` for 4-bit NF4 weights (QLoRA's format).
+
+    Raises :class:`QuantizationUnavailable` when bitsandbytes is not installed
+    (``pip install 'mm-lightning[bitsandbytes]'``).
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailable("4-bit NF4 loading needs bitsandbytes: pip install 'mm-lightning[bitsandbytes]'")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+    )
+
+
+def load_causal_lm_nf4(path: str, compute_dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> nn.Module:
+    """Load a Hugging Face causal LM from a local ``path`` with 4-bit NF4 weights (bitsandbytes).
+
+    The hook for the multimodal-LLM task: the frozen language model takes ~1/4 of its bf16 memory,
+    adapters (peft LoRA) train on top. Nothing is downloaded: ``path`` must be a local directory
+    (``local_files_only``). bitsandbytes' 4-bit matmuls want a CUDA GPU for speed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=nf4_config(compute_dtype), local_files_only=True, **kwargs
+    )
