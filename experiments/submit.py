@@ -42,6 +42,7 @@ SCRIPT_NAME = "job.sbatch"
 SWEEP_FILE = "sweep.yaml"
 # Trainer settings that must match the SLURM allocation; the submitter sets them.
 RESOURCE_KEYS = ("trainer.devices", "trainer.num_nodes", "trainer.accelerator")
+SECRET_RE = re.compile(r"WANDB_API_KEY\s*=\s*\S")
 TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 
 
@@ -233,7 +234,8 @@ def _sbatch_lines(opts: argparse.Namespace, job_name: str, ntasks: int, output: 
 
 
 def render_script(*, opts: argparse.Namespace, job_name: str, ntasks: int, run_cmd: list[str],
-                  run_dirs: list[Path], sweep: list[list[str]] | None, chdir: Path, output: str) -> str:
+                  run_dirs: list[Path], sweep: list[list[str]] | None, chdir: Path, output: str,
+                  command: str = "python -m experiments.submit") -> str:
     """The sbatch script: directives, the environment Lightning's SLURMEnvironment reads, and ``srun``."""
     array = None
     if sweep is not None:
@@ -241,7 +243,8 @@ def render_script(*, opts: argparse.Namespace, job_name: str, ntasks: int, run_c
     q = shlex.quote
     out = [
         "#!/bin/bash",
-        "# Written by `python -m experiments.submit`; submit it again with `sbatch <this file>`.",
+        f"# Written by: {command}",
+        "# SLURM may requeue this job (preemption, or USR1 before the time limit); it then resumes in the same run dir.",
         *_sbatch_lines(opts, job_name, ntasks, output, chdir, array),
         "",
         "set -euo pipefail",
@@ -264,6 +267,8 @@ def render_script(*, opts: argparse.Namespace, job_name: str, ntasks: int, run_c
         "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
         'export MM_RUN_DIR="$RUN_DIR"',
         "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
+        "# srun does not inherit sbatch's --cpus-per-task on SLURM 22.05+: data loader workers need those CPUs",
+        'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi',
         "export PYTHONUNBUFFERED=1",
         "# W&B stays offline unless the submitting shell set WANDB_MODE=online (then `wandb login` or an",
         "# exported WANDB_API_KEY authenticates; no key is ever written here). Sync later: wandb sync <run dir>/wandb/offline-run-*",
@@ -282,6 +287,9 @@ def render_script(*, opts: argparse.Namespace, job_name: str, ntasks: int, run_c
 def plan(argv: Sequence[str], now: str | None = None) -> Submission:
     """Parse a submit command line and build the :class:`Submission` (nothing is written)."""
     own, run_args = split_argv(argv)
+    if any(SECRET_RE.search(arg) for arg in argv):
+        raise SubmitError("a W&B API key on the command line would be written into the job script: run "
+                          "`wandb login` (or export WANDB_API_KEY in your shell; the job inherits it) instead")
     opts = build_parser().parse_args(_join_values(own))
     if not run_args or run_args[0] not in SUBCOMMANDS:
         raise SubmitError(f"the run command after '--' must start with one of {', '.join(SUBCOMMANDS)}, "
@@ -346,7 +354,8 @@ def plan(argv: Sequence[str], now: str | None = None) -> Submission:
     run_cmd = [opts.python, "-m", "experiments.run", *run_args, *resources]
     output = str(base / ("%a" if sweep is not None else "") / ("slurm-%A_%a.out" if sweep is not None else "slurm-%j.out"))
     script = render_script(opts=opts, job_name=job_name, ntasks=ntasks, run_cmd=run_cmd, run_dirs=run_dirs,
-                           sweep=sweep, chdir=Path.cwd(), output=output)
+                           sweep=sweep, chdir=Path.cwd(), output=output,
+                           command=shlex.join(["python", "-m", "experiments.submit", *argv]).replace("\n", " "))
     return Submission(script=script, script_path=base / SCRIPT_NAME, run_dirs=run_dirs, sweep=sweep,
                       extra={"dry_run": opts.dry_run, "run_name": run_name})
 

@@ -199,6 +199,7 @@ class SlurmCluster:
     started: list[int] = field(default_factory=list)  # pids of slurmd, slurmctld, munged started here
     linked_etc: bool = False
     startup_s: float = 0.0
+    remove_dir: bool = False  # the state directory is a temporary one made by start()
 
     @property
     def env(self) -> dict[str, str]:
@@ -233,6 +234,8 @@ class SlurmCluster:
         if self.linked_etc and ETC_CONF.is_symlink():
             ETC_CONF.unlink()
             self.linked_etc = False
+        if self.remove_dir and self.state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def start(state_dir: Path | None = None, timeout: float = 60) -> SlurmCluster:
@@ -251,10 +254,11 @@ def start(state_dir: Path | None = None, timeout: float = 60) -> SlurmCluster:
     if os.geteuid() != 0:
         raise SlurmUnavailable("starting slurmctld/slurmd needs root (no SLURM cluster is running)")
     install()
+    temporary = state_dir is None
     state_dir = Path(state_dir or tempfile.mkdtemp(prefix="mm-slurm-"))
     state_dir.mkdir(parents=True, exist_ok=True)
     hostname = socket.gethostname().split(".")[0]
-    cluster = SlurmCluster(conf=write_config(state_dir, hostname), state_dir=state_dir)
+    cluster = SlurmCluster(conf=write_config(state_dir, hostname), state_dir=state_dir, remove_dir=temporary)
     env = cluster.env
     try:
         munged = start_munge()

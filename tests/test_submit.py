@@ -42,7 +42,8 @@ def _fake_bin(tmp_path: Path, **scripts: str) -> Path:
 
 FAKE_SRUN = f"""#!{sys.executable}
 import json, os, sys
-keys = ("MASTER_ADDR", "MASTER_PORT", "MM_RUN_DIR", "WANDB_MODE", "OMP_NUM_THREADS", "PYTHONUNBUFFERED")
+keys = ("MASTER_ADDR", "MASTER_PORT", "MM_RUN_DIR", "WANDB_MODE", "OMP_NUM_THREADS", "SRUN_CPUS_PER_TASK",
+        "PYTHONUNBUFFERED")
 with open(os.environ["SRUN_RECORD"], "w") as f:
     json.dump({{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in keys}}}}, f)
 """
@@ -54,9 +55,9 @@ def _run_script(tmp_path: Path, script: str, **env: str) -> dict:
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     record = tmp_path / "srun.json"
-    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_RECORD": str(record),
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_")) and k != "WANDB_MODE"}
+    full_env = {**clean, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_RECORD": str(record),
                 "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "node-[a-b]", **env}
-    full_env.pop("WANDB_MODE", None)
     proc = subprocess.run(["bash", str(path)], env=full_env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     recorded = json.loads(record.read_text())
@@ -83,7 +84,7 @@ def test_gpu_job_script_has_directives_one_task_per_gpu_and_requeue(in_repo, tmp
                  f"--output={run_dir}/slurm-%j.out", f"--chdir={REPO}"):
         assert line in d, (line, d)
     assert not (run_dir.exists()), "plan() must not write anything"
-    srun = _run_script(tmp_path, sub.script)
+    srun = _run_script(tmp_path, sub.script, SLURM_CPUS_PER_TASK="8")
     argv = srun["argv"]
     assert srun["srun_options"] == ["--kill-on-bad-exit=1"]
     assert argv[:3] == [sys.executable, "-m", "experiments.run"]
@@ -92,7 +93,8 @@ def test_gpu_job_script_has_directives_one_task_per_gpu_and_requeue(in_repo, tmp
                  "--trainer.strategy=ddp", f"--trainer.default_root_dir={run_dir}"):
         assert flag in argv, (flag, argv)
     assert srun["env"] == {"MASTER_ADDR": "node-a", "MASTER_PORT": str(20000 + 1234 % 20000), "MM_RUN_DIR": str(run_dir),
-                           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+                           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "8", "SRUN_CPUS_PER_TASK": "8",
+                           "PYTHONUNBUFFERED": "1"}
     assert sub.script.index("echo loading modules") < sub.script.index("srun --kill-on-bad-exit")
 
 
@@ -201,6 +203,7 @@ def test_override_sets_submit_a_job_array_one_run_dir_each(tmp_path, monkeypatch
     (["--set", "--config=x.yaml", "--", "fit"], "may not contain --config"),
     (["--set", "lr=1", "--", "fit"], "must start with '--'"),
     (["--sweep", "missing.yaml", "--", "fit"], "--sweep missing.yaml: no such file"),
+    (["--setup", f"export WANDB_API_KEY={FAKE_KEY}", "--", "fit"], "W&B API key on the command line"),
 ])
 def test_mistakes_fail_naming_the_flag(in_repo, argv, message):
     with pytest.raises(submit.SubmitError) as err:
