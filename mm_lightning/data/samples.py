@@ -121,3 +121,86 @@ class ClassificationPipeline(SamplePipeline):
         label = int(member(sample, self.label_key))
         tf = self.train_tf if training else self.eval_tf
         return {"image": tf(image), "label": label}
+
+
+class ImageTextPipeline(SamplePipeline):
+    """Image + caption (img2dataset's layout, as open_clip reads it) -> ``{"image", "input_ids", "attention_mask", "label"}``.
+
+    A sample holds an image under any extension of ``IMAGE_EXTENSIONS``, its caption as ``.txt``
+    and optionally ``.json`` metadata; without a ``.txt`` the caption is the ``.json``'s
+    ``caption`` field. ``label`` is the ``.cls`` member when the shards have one (zero-shot
+    evaluation reads it), else -1. Captions are tokenized per batch in ``collate``.
+
+    Args:
+        tokenizer: a ``tokenizer.json`` (``python -m data.prepare`` writes one next to the shards) or a
+            local Hugging Face tokenizer directory.
+        context_length: tokens per caption, special tokens included.
+        image_size: side of the square image the model sees.
+        crop_scale: area range of the training ``RandomResizedCrop``; ``[1.0, 1.0]`` keeps the whole image.
+        hflip: random horizontal flips while training (off by default: captions may say "left").
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation standard deviation.
+        caption_key: the member holding the caption.
+        label_key: the member holding an integer class label, if any.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "data/shards/shapes/tokenizer.json",
+        context_length: int = 32,
+        image_size: int = 224,
+        crop_scale: tuple[float, float] = (0.9, 1.0),
+        hflip: bool = False,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        caption_key: str = "txt",
+        label_key: str | None = "cls",
+    ) -> None:
+        from mm_lightning.data.tokenizer import TextTokenizer
+
+        if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
+        self.tokenizer = TextTokenizer(tokenizer, context_length)
+        self.context_length = context_length
+        self.image_size = image_size
+        self.caption_key = caption_key
+        self.label_key = label_key
+        self.train_tf = image_transforms(image_size, True, crop_scale, hflip, mean, std)
+        self.eval_tf = image_transforms(image_size, False, crop_scale, hflip, mean, std)
+
+    def caption(self, sample: dict[str, Any]) -> str:
+        """The caption of a raw sample: its ``.txt`` (``caption_key``) member, else ``.json``'s ``caption``."""
+        if self.caption_key in sample:
+            text = sample[self.caption_key]
+        elif "json" in sample:
+            import json
+
+            meta = sample["json"]
+            meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
+            if not isinstance(meta, dict) or not isinstance(meta.get("caption"), str):
+                raise MissingMemberError(f"no .{self.caption_key} member and no 'caption' in .json; has {member_names(sample)}")
+            text = meta["caption"]
+        else:
+            raise MissingMemberError(f"no .{self.caption_key} member; has {member_names(sample)}")
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        if not text.strip():
+            raise ValueError("empty caption")
+        return text.strip()
+
+    def decode(self, sample: dict[str, Any], training: bool) -> dict[str, Any]:
+        image = decode_rgb(image_member(sample))
+        label = int(sample[self.label_key]) if self.label_key and self.label_key in sample else -1
+        tf = self.train_tf if training else self.eval_tf
+        return {"image": tf(image), "text": self.caption(sample), "label": label}
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` / ``attention_mask`` of ``texts`` as batches carry them (also for zero-shot prompts)."""
+        return self.tokenizer(texts)
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = {
+            "image": torch.stack([s["image"] for s in samples]),
+            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        }
+        batch.update(self.tokenize([s["text"] for s in samples]))
+        return batch

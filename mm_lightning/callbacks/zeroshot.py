@@ -1,0 +1,172 @@
+"""Zero-shot classification with an image-text model: class names in prompt templates become the classifier.
+
+For every class, each template (``"a photo of a {}"``) is filled with the class name, the texts
+are encoded and L2-normalised, averaged over the templates and normalised again (CLIP's prompt
+ensembling). An image's prediction is the class whose prompt embedding is closest to its own.
+The class names come from the data module (the shards' ``manifest.json``); the labels from the
+batches' ``label`` (samples without one, label -1, are left out).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+
+from mm_lightning.distributed import is_distributed
+
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}",
+    "a picture of a {}",
+    "an image of a {}",
+    "a photo of the {}",
+    "a {}",
+)
+
+
+def fill_template(template: str, name: str) -> str:
+    """``template`` with ``{}`` replaced by ``name`` and "a" turned into "an" before a vowel."""
+    return re.sub(r"\ba ([aeiouAEIOU])", r"an \1", template.replace("{}", name))
+
+
+@torch.no_grad()
+def zeroshot_classifier(
+    encode_text: Callable[..., torch.Tensor],
+    tokenize: Callable[[Sequence[str]], dict[str, torch.Tensor]],
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``(num_classes, D)`` class embeddings: per class, the normalised mean of the normalised
+    embeddings of its filled templates."""
+    weights = []
+    for name in class_names:
+        tokens = {k: v.to(device) for k, v in tokenize([fill_template(t, name) for t in templates]).items()}
+        features = F.normalize(encode_text(tokens["input_ids"], tokens.get("attention_mask")), dim=-1)
+        weights.append(F.normalize(features.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+class ZeroShotClassification(L.Callback):
+    """Logs ``{val,test}/zeroshot_top1`` and ``{val,test}/zeroshot_top5`` of prompt-ensembled zero-shot classification.
+
+    Needs a task with ``encode_text(input_ids, attention_mask)`` and image features from its
+    evaluation step outputs (``image_features``) or ``encode_image`` (:class:`~mm_lightning.tasks.clip.CLIPTask`),
+    and a tokenizer: the data pipeline's ``tokenize`` (:class:`~mm_lightning.data.samples.ImageTextPipeline`)
+    unless ``tokenizer`` is given. Counts are summed over ranks under DDP.
+
+    Args:
+        templates: prompt templates, ``{}`` standing for the class name.
+        class_names: class names in label order; by default the data module's ``class_names``.
+        tokenizer: a ``tokenizer.json`` or local Hugging Face tokenizer directory, instead of the pipeline's.
+        context_length: tokens per prompt when ``tokenizer`` is given.
+    """
+
+    def __init__(
+        self,
+        templates: list[str] | None = None,
+        class_names: list[str] | None = None,
+        tokenizer: str | None = None,
+        context_length: int = 32,
+    ) -> None:
+        self.templates = list(templates or DEFAULT_TEMPLATES)
+        bad = [t for t in self.templates if "{}" not in t]
+        if bad:
+            raise ValueError(f"zero-shot templates need a '{{}}' for the class name: {bad}")
+        self.class_names = list(class_names) if class_names else None
+        self._tokenizer = None
+        if tokenizer is not None:
+            from mm_lightning.data.tokenizer import TextTokenizer
+
+            self._tokenizer = TextTokenizer(tokenizer, context_length)
+        self.classifier: torch.Tensor | None = None
+        self.correct: dict[int, torch.Tensor] = {}
+        self.total: torch.Tensor | None = None
+        self._warned = False
+
+    def _names(self, trainer: L.Trainer) -> list[str] | None:
+        return self.class_names or getattr(getattr(trainer, "datamodule", None), "class_names", None)
+
+    def _tokenize(self, trainer: L.Trainer) -> Callable[[Sequence[str]], dict[str, torch.Tensor]] | None:
+        if self._tokenizer is not None:
+            return self._tokenizer
+        pipeline = getattr(getattr(trainer, "datamodule", None), "pipeline", None)
+        return getattr(pipeline, "tokenize", None)
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.classifier, self.total, self.correct = None, None, {}
+        names, tokenize = self._names(trainer), self._tokenize(trainer)
+        if not names or tokenize is None:
+            if not self._warned:
+                what = "class names (data manifest 'classes' or class_names)" if not names else "a tokenizer"
+                rank_zero_warn(f"ZeroShotClassification: no {what}; zero-shot evaluation is skipped")
+                self._warned = True
+            return
+        self.classifier = zeroshot_classifier(pl_module.encode_text, tokenize, names, self.templates, pl_module.device)
+        self.topk = sorted({1, min(5, len(names))})
+        self.correct = {k: torch.zeros((), dtype=torch.long, device=pl_module.device) for k in (1, 5)}
+        self.total = torch.zeros((), dtype=torch.long, device=pl_module.device)
+
+    def _update(self, pl_module: L.LightningModule, outputs: Any, batch: dict[str, Any]) -> None:
+        if self.classifier is None or not isinstance(batch, dict) or "label" not in batch:
+            return
+        labels = batch["label"]
+        keep = labels >= 0
+        if not bool(keep.any()):
+            return
+        if isinstance(outputs, dict) and "image_features" in outputs:
+            features = outputs["image_features"]
+        else:
+            with torch.no_grad():
+                features = pl_module.encode_image(batch["image"])
+        logits = F.normalize(features[keep].float(), dim=-1) @ self.classifier.T
+        labels = labels[keep]
+        if int(labels.max()) >= self.classifier.shape[0]:
+            raise ValueError(
+                f"label {int(labels.max())} but only {self.classifier.shape[0]} class names for zero-shot classification"
+            )
+        top = logits.topk(self.topk[-1], dim=-1).indices
+        hits = top == labels[:, None]
+        self.correct[1] += hits[:, :1].any(1).sum()
+        self.correct[5] += hits.any(1).sum()
+        self.total += labels.numel()
+
+    def _finish(self, pl_module: L.LightningModule, split: str) -> None:
+        if self.total is None:
+            return
+        counts = torch.stack([self.correct[1], self.correct[5], self.total])
+        if is_distributed():
+            dist.all_reduce(counts)
+        if int(counts[2]) == 0:
+            rank_zero_warn(f"ZeroShotClassification: no labelled {split} samples (label >= 0); nothing to log")
+            return
+        pl_module.log(f"{split}/zeroshot_top1", counts[0].float() / counts[2], sync_dist=True, prog_bar=True)
+        pl_module.log(f"{split}/zeroshot_top5", counts[1].float() / counts[2], sync_dist=True)
+        self.classifier = None
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._start(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._update(pl_module, outputs, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(pl_module, outputs, batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._finish(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(pl_module, "test")

@@ -1,0 +1,232 @@
+"""Text tokenizers for image-text tasks: a byte-level BPE trained on the captions, or any local HF tokenizer.
+
+Two kinds of source, one interface (:class:`TextTokenizer`):
+
+* a ``tokenizer.json`` file written by :func:`train_bpe_tokenizer` (Hugging Face ``tokenizers``:
+  lower-casing, byte-level BPE, ``<|startoftext|> ... <|endoftext|>`` around every text, as CLIP's
+  tokenizer does), e.g. the one ``python -m data.prepare shapes`` saves next to the shapes shards;
+* a local Hugging Face tokenizer directory (``AutoTokenizer.from_pretrained(dir)``, never downloaded),
+  for users who start from a pretrained text model.
+
+Texts become fixed-length ``input_ids`` / ``attention_mask`` (right padding, truncation that keeps
+the closing special token), so a text tower can pool at the end-of-text token, which is the last
+position where ``attention_mask`` is 1.
+
+``python -m mm_lightning.data.tokenizer --shards 'DIR/name-train-*.tar' --out DIR/tokenizer.json``
+trains a tokenizer on the ``.txt`` members of existing shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Fork-started DataLoader workers inherit the tokenizer; its thread pool must not be used before the fork.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000, min_frequency: int = 2) -> Any:
+    """Train a lower-casing byte-level BPE (``tokenizers.Tokenizer``) on ``texts``.
+
+    The vocabulary holds the 256 byte symbols, the special tokens ``<|pad|>`` (id 0),
+    ``<|startoftext|>`` and ``<|endoftext|>``, and at most ``vocab_size`` entries in all; on a
+    small corpus (the shapes captions) training stops earlier, once every word is one token.
+    Every encoded text is wrapped as ``<|startoftext|> ... <|endoftext|>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase(), normalizers.Strip()])
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    count = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal count
+        for text in texts:
+            count += 1
+            yield text
+
+    tokenizer.train_from_iterator(counted(), trainer=trainer)
+    if count == 0:
+        raise ValueError("no texts to train the tokenizer on")
+    bos, eos = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
+        pair=f"{BOS_TOKEN} $A {EOS_TOKEN} $B:1 {EOS_TOKEN}:1",
+        special_tokens=[(BOS_TOKEN, bos), (EOS_TOKEN, eos)],
+    )
+    return tokenizer
+
+
+def shard_captions(shards: Sequence[str | os.PathLike], caption_key: str = "txt") -> Iterator[str]:
+    """The ``.{caption_key}`` members (UTF-8 text) of the samples in ``shards``, read straight from the tars."""
+    suffix = "." + caption_key
+    for shard in shards:
+        try:
+            with tarfile.open(shard, "r|*") as stream:
+                for info in stream:
+                    if info.isreg() and info.name.endswith(suffix):
+                        handle = stream.extractfile(info)
+                        if handle is not None:
+                            yield handle.read().decode("utf-8", errors="replace").strip()
+        except (tarfile.TarError, OSError) as err:
+            raise ValueError(f"cannot read captions from shard {os.fspath(shard)!r}: {err}") from err
+
+
+def train_tokenizer_from_shards(
+    shards: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    vocab_size: int = 1000,
+    min_frequency: int = 2,
+    caption_key: str = "txt",
+) -> Path:
+    """Train :func:`train_bpe_tokenizer` on the captions of ``shards`` and save it to ``out`` (a ``.json`` file)."""
+    shards = [os.fspath(s) for s in shards]
+    if not shards:
+        raise ValueError("no shards given to train the tokenizer on")
+    texts = shard_captions(shards, caption_key)
+    try:
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size, min_frequency=min_frequency)
+    except ValueError as err:
+        if "no texts" in str(err):
+            raise ValueError(f"the shards ({shards[0]}, ...) hold no .{caption_key} captions") from None
+        raise
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tokenizer.save(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _load_hf(path: str) -> Any:
+    """A ``transformers`` fast tokenizer from a tokenizer.json file or a local tokenizer directory."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if os.path.isdir(path):
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"tokenizer directory {path!r} holds no loadable Hugging Face tokenizer: {err}") from err
+    else:
+        tok = PreTrainedTokenizerFast(tokenizer_file=path)
+        vocab = tok.get_vocab()
+        for attr, token in (("pad_token", PAD_TOKEN), ("bos_token", BOS_TOKEN), ("eos_token", EOS_TOKEN)):
+            if token in vocab:
+                setattr(tok, attr, token)
+    if tok.pad_token is None:  # GPT-2 style tokenizers have none: pad with end-of-text, masked out anyway
+        tok.pad_token = tok.eos_token or tok.sep_token or tok.unk_token
+    if tok.pad_token is None:
+        raise ValueError(f"tokenizer {path!r} has no pad, end-of-text, separator or unknown token to pad with")
+    tok.padding_side = "right"
+    return tok
+
+
+class TextTokenizer:
+    """Fixed-length tokenization of caption lists, from a ``tokenizer.json`` or a local HF tokenizer directory.
+
+    Loaded lazily (on first use, in each DataLoader worker), so a pipeline that holds it pickles cheaply.
+
+    Args:
+        path: a ``tokenizer.json`` file (see :func:`train_bpe_tokenizer`) or a directory that
+            ``transformers.AutoTokenizer.from_pretrained`` reads offline.
+        context_length: tokens per text, special tokens included (longer texts are truncated,
+            shorter ones padded on the right).
+    """
+
+    def __init__(self, path: str | os.PathLike, context_length: int = 32) -> None:
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
+        self.path = os.fspath(path)
+        self.context_length = context_length
+        self._tok: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tok": None}
+
+    @property
+    def hf(self) -> Any:
+        """The underlying ``transformers`` tokenizer (loaded on first access)."""
+        if self._tok is None:
+            if not os.path.exists(self.path):
+                hint = ""
+                if os.path.basename(self.path) == TOKENIZER_FILE:
+                    hint = (
+                        " (`python -m data.prepare shapes` writes it next to the shapes shards; for other shards run "
+                        f"`python -m mm_lightning.data.tokenizer --shards 'DIR/*-train-*.tar' --out {self.path}`)"
+                    )
+                raise FileNotFoundError(f"tokenizer {self.path!r} does not exist{hint}")
+            self._tok = _load_hf(self.path)
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (added special tokens included); embedding tables need at least this many rows."""
+        return len(self.hf)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.hf.pad_token_id)
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{"input_ids", "attention_mask"}``: int64 tensors of shape ``(len(texts), context_length)``."""
+        enc = self.hf(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+    def decode(self, input_ids: torch.Tensor | Sequence[int]) -> str:
+        """The text of one row of token ids, without special tokens and padding."""
+        ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
+        return self.hf.decode(ids, skip_special_tokens=True).strip()
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``python -m mm_lightning.data.tokenizer --shards SPEC --out FILE``: train a BPE on shard captions."""
+    from mm_lightning.data.shards import ShardSpecError, list_shards
+
+    parser = argparse.ArgumentParser(prog="python -m mm_lightning.data.tokenizer", description=main.__doc__)
+    parser.add_argument("--shards", required=True, help="training shards (directory, glob or brace pattern)")
+    parser.add_argument("--out", required=True, help="where to write tokenizer.json")
+    parser.add_argument("--vocab-size", type=int, default=1000, help="largest vocabulary (default: %(default)s)")
+    parser.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair (default: %(default)s)")
+    parser.add_argument("--caption-key", default="txt", help="caption member of a sample (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        shards = list_shards(args.shards)
+        path = train_tokenizer_from_shards(shards, args.out, args.vocab_size, args.min_frequency, args.caption_key)
+    except (ShardSpecError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: --shards {args.shards}: {err}\n")
+    print(f"tokenizer ({len(TextTokenizer(path).hf)} tokens) written to {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

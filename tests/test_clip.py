@@ -1,0 +1,279 @@
+"""CLIP task: temperature clamp and weight decay, tower hand-over, zero-shot and retrieval evaluation,
+and a run through the CLI on hand-made img2dataset-layout shards (2 DDP ranks)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mm_lightning.callbacks.retrieval import RetrievalEvaluation, retrieval_metrics, retrieval_ranks
+from mm_lightning.callbacks.zeroshot import fill_template, zeroshot_classifier
+from mm_lightning.tasks.clip import CheckpointMismatchError, CLIPTask, load_backbone_weights
+from tests.test_run import run_cli
+
+VIT = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def tiny_task(**kwargs) -> CLIPTask:
+    args = dict(image_backbone_kwargs=VIT, embed_dim=16, vocab_size=50, context_length=8, text_width=32,
+                text_layers=1, text_heads=2)
+    return CLIPTask(**{**args, **kwargs})
+
+
+def _batches(n: int = 3, size: int = 8) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"image": torch.randn(size, 3, 16, 16, generator=g), "input_ids": torch.randint(3, 50, (size, 8), generator=g),
+             "attention_mask": torch.ones(size, 8, dtype=torch.long)} for _ in range(n)]
+
+
+def _fit(task: CLIPTask, steps: int = 2, callbacks: list | None = None):
+    import lightning as L
+
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(_batches(), batch_size=None))
+    return trainer
+
+
+def _group_of(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> dict:
+    return next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+
+
+def test_logit_scale_starts_at_1_over_0_07_is_clamped_and_takes_no_weight_decay():
+    assert tiny_task().logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    import lightning as L
+
+    class Record(L.Callback):
+        values: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.values.append(pl_module.logit_scale.item())
+
+    task = tiny_task(init_logit_scale=6.0, weight_decay=0.1, lr=1e-4)  # exp(6) = 403 > 100
+    trainer = _fit(task, steps=3, callbacks=[Record()])
+    # clamped to ln(100) after the first optimizer step; later steps move it from there
+    assert Record.values[0] == pytest.approx(math.log(100)) and max(Record.values) <= math.log(100) + 1e-7
+    assert "train/logit_scale" in trainer.callback_metrics
+    optimizer = trainer.optimizers[0]
+    assert _group_of(optimizer, task.logit_scale)["weight_decay"] == 0.0
+    assert _group_of(optimizer, task.text_encoder.positional_embedding)["weight_decay"] == 0.0
+    assert _group_of(optimizer, task.image_projection.weight)["weight_decay"] == 0.1
+    assert _group_of(optimizer, task.text_encoder.text_projection.weight)["weight_decay"] == 0.1
+
+
+def test_siglip_has_a_bias_without_weight_decay_and_trains():
+    task = tiny_task(loss="siglip", weight_decay=0.1)
+    assert task.logit_scale.item() == pytest.approx(math.log(10)) and task.logit_bias.item() == -10.0
+    trainer = _fit(task)
+    assert _group_of(trainer.optimizers[0], task.logit_bias)["weight_decay"] == 0.0
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_embed_and_encoders():
+    task = tiny_task().eval()
+    images = torch.randn(3, 3, 16, 16)
+    assert task.embed(images).shape == (3, 32)  # pooled backbone features, before the projection
+    features = task.encode_image(images)
+    assert features.shape == (3, 16) and torch.allclose(features.norm(dim=-1), torch.ones(3))
+    text = task.encode_text(torch.randint(3, 50, (3, 8)))
+    assert text.shape == (3, 16) and torch.allclose(text.norm(dim=-1), torch.ones(3))
+
+
+def test_setup_checks_the_tokenizer_against_the_text_tower():
+    task = tiny_task()
+    tokenizer = SimpleNamespace(vocab_size=400, context_length=8, path="tok.json")
+    task._trainer = SimpleNamespace(datamodule=SimpleNamespace(pipeline=SimpleNamespace(tokenizer=tokenizer)))
+    with pytest.raises(ValueError, match="tok.json.*400 tokens.*model.vocab_size is 50"):
+        task.setup("fit")
+    tokenizer.vocab_size, tokenizer.context_length = 40, 16
+    with pytest.raises(ValueError, match="context_length 16 exceeds model.context_length 8"):
+        task.setup("fit")
+
+
+def test_image_tower_is_initialised_from_a_classification_checkpoint(tmp_path):
+    from mm_lightning.tasks.classification import ImageClassifier
+
+    torch.manual_seed(1)
+    classifier = ImageClassifier(backbone="vit_tiny_patch16_224", backbone_kwargs=VIT, num_classes=4, ema_decay=0.9)
+    path = tmp_path / "classifier.ckpt"
+    torch.save({"state_dict": classifier.state_dict(), "hyper_parameters": dict(classifier.hparams)}, path)
+    task = tiny_task(image_init=str(path))
+    task.setup("fit")
+    for name, value in task.image_encoder.state_dict().items():
+        assert torch.equal(value, classifier.model.state_dict()[name]), name
+    # an explicit prefix picks the EMA copy; a prefix that holds nothing is an error naming it
+    assert load_backbone_weights(tiny_task().image_encoder, str(path), "ema.module.") == "ema.module."
+    with pytest.raises(CheckpointMismatchError, match="lacks .* under prefix 'backbone.'"):
+        load_backbone_weights(tiny_task().image_encoder, str(path), "backbone.")
+    wider = tiny_task(image_backbone_kwargs={**VIT, "embed_dim": 48, "num_heads": 2}, image_init=str(path))
+    with pytest.raises(CheckpointMismatchError, match=r"classifier.ckpt.*model\..*\(1, 1, 32\) vs \(1, 1, 48\)"):
+        wider.setup("fit")
+    with pytest.raises(FileNotFoundError, match="model.image_init"):
+        tiny_task(image_init=str(tmp_path / "missing.ckpt")).setup("fit")
+
+
+def test_retrieval_counts_identical_captions_as_the_same_caption():
+    # 4 pairs; captions 0 and 2 are the same string (same token ids)
+    ids = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 5, 2], [1, 7, 2]])
+    texts = torch.eye(4)
+    images = F.normalize(torch.tensor([[0.0, 0.0, 1.0, 0.1],   # image 0 is closest to text 2 = its own caption string
+                                       [1.0, 0.2, 0.0, 0.0],   # image 1: text 0 first, its own text second
+                                       [0.0, 0.5, 0.0, 1.0],   # image 2: texts 3 and 1 first, its caption (0 or 2) third
+                                       [0.0, 0.0, 0.0, 1.0]]), dim=-1)
+    groups = torch.tensor([0, 1, 0, 2])
+    assert retrieval_ranks(images, texts, groups, groups).tolist() == [1, 2, 3, 1]
+    # text 0 (= text 2): images 0 and 2 are correct, image 1 scores higher; text 1: image 2 beats image 1
+    assert retrieval_ranks(texts, images, groups, groups).tolist() == [2, 2, 1, 1]
+    metrics = retrieval_metrics(images, texts, ids, ks=(1, 2))
+    assert metrics["i2t_R@1"] == 0.5 and metrics["i2t_R@2"] == 0.75 and metrics["i2t_median_rank"] == 1.0
+    assert metrics["t2i_R@1"] == 0.5 and metrics["t2i_R@2"] == 1.0
+    # without the identity of captions 0 and 2, image 0 would have missed (text 2 is not "its" text)
+    distinct = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 8, 2], [1, 7, 2]])
+    assert retrieval_metrics(images, texts, distinct, ks=(1,))["i2t_R@1"] == 0.25
+
+
+def test_zeroshot_classifier_averages_normalised_prompt_embeddings():
+    assert fill_template("a photo of a {}", "apple") == "a photo of an apple"
+
+    def tokenize(texts):
+        return {"input_ids": torch.tensor([[len(t), t.count("o")] for t in texts])}
+
+    def encode_text(ids, mask=None):
+        return ids.float()
+
+    weights = zeroshot_classifier(encode_text, tokenize, ["ox", "cat"], ["{}", "a {} too"], "cpu")
+    ox = F.normalize(F.normalize(torch.tensor([[2.0, 1.0], [9.0, 3.0]]), dim=-1).mean(0), dim=-1)  # "ox", "an ox too"
+    assert torch.allclose(weights[0], ox) and torch.allclose(weights.norm(dim=-1), torch.ones(2))
+
+
+def test_retrieval_table_rows_for_weights_and_biases():
+    from lightning.pytorch.loggers import WandbLogger
+
+    callback = RetrievalEvaluation(ks=[1], num_examples=2)
+    callback.examples = [torch.randn(3, 3, 4, 4)]
+    ids = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 5, 2]])
+    images, texts = torch.eye(3), torch.eye(3)
+    decoder = SimpleNamespace(decode=lambda row: "+".join(str(t) for t in row.tolist()))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(pipeline=SimpleNamespace(tokenizer=decoder)),
+                              loggers=[mock.MagicMock(spec=WandbLogger)], global_step=7)
+    rows = callback.example_rows(trainer, images, texts, ids)
+    assert len(rows) == 2 and rows[0][0].shape == (4, 4, 3) and rows[0][0].dtype == np.uint8
+    assert rows[1][1] == "1+6+2" and rows[1][2] == "1+6+2" and len(rows[1]) == 4  # 2 distinct captions only
+    callback._log_table(trainer, "val", images, texts, ids)
+    kwargs = trainer.loggers[0].log_table.call_args.kwargs
+    assert kwargs["key"] == "val/retrieval_examples" and kwargs["columns"][:2] == ["image", "caption"]
+    assert len(kwargs["data"]) == 2 and len(kwargs["data"][0]) == 5
+
+
+# --------------------------------------------------------------------- img2dataset shards through the CLI
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230), "yellow": (230, 220, 40)}
+
+
+def _jpeg(colour: tuple[int, int, int], rng: np.random.Generator) -> bytes:
+    image = rng.integers(0, 50, (16, 16, 3), dtype=np.uint8)
+    y, x = rng.integers(0, 8, 2)
+    image[y : y + 8, x : x + 8] = colour
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def write_img2dataset_shards(directory: Path, n_shards: int, per_shard: int, seed: int, cls: bool = False) -> str:
+    """Shards as img2dataset writes them: ``00000.tar`` ... holding ``KEY.jpg``, ``KEY.txt``, ``KEY.json``
+    (no sizes.json; a ``_stats.json`` per shard). ``cls`` adds a ``.cls`` label for zero-shot evaluation."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    for s in range(n_shards):
+        with tarfile.open(directory / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                label = int(rng.integers(len(names)))
+                caption = f"a photo of a {names[label]} square"
+                meta = {"url": f"http://example.com/{key}.jpg", "key": key, "status": "success", "caption": caption,
+                        "width": 16, "height": 16, "original_width": 64, "original_height": 64, "error_message": None}
+                members = {"jpg": _jpeg(COLOURS[names[label]], rng), "txt": caption.encode(), "json": json.dumps(meta).encode()}
+                if cls:
+                    members["cls"] = str(label).encode()
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        (directory / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
+    return str(directory / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+CONFIG = """
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 3
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: mm_lightning.callbacks.zeroshot.ZeroShotClassification
+      init_args: {templates: ["a photo of a {} square"], class_names: [red, green, blue, yellow]}
+    - class_path: mm_lightning.callbacks.retrieval.RetrievalEvaluation
+      init_args: {ks: [1, 5]}
+model:
+  class_path: mm_lightning.tasks.clip.CLIPTask
+  init_args:
+    image_backbone_kwargs: {img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2.0}
+    embed_dim: 32
+    vocab_size: 320
+    context_length: 16
+    text_width: 32
+    text_layers: 1
+    text_heads: 2
+    text_causal: false
+    lr: 5.0e-3
+    weight_decay: 0.01
+data:
+  batch_size: 16
+  num_workers: 0
+  pipeline:
+    class_path: mm_lightning.data.samples.ImageTextPipeline
+    init_args: {tokenizer: TOKENIZER, context_length: 16, image_size: 16, crop_scale: [1.0, 1.0], mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}
+logger: csv
+"""
+
+
+@pytest.mark.slow
+def test_clip_trains_on_img2dataset_shards_with_two_ddp_ranks(tmp_path):
+    from mm_lightning.data.tokenizer import main as train_tokenizer
+
+    train = write_img2dataset_shards(tmp_path / "train", 4, 80, seed=1)
+    val = write_img2dataset_shards(tmp_path / "val", 2, 32, seed=2)  # no labels: zero-shot is skipped there
+    test = write_img2dataset_shards(tmp_path / "test", 3, 30, seed=3, cls=True)  # uneven over 2 ranks
+    tokenizer = tmp_path / "tokenizer.json"
+    train_tokenizer(["--shards", train, "--out", str(tokenizer), "--vocab-size", "300"])
+    config = tmp_path / "clip.yaml"
+    config.write_text(CONFIG.replace("TOKENIZER", str(tokenizer)))
+    data = [f"--data.train={train}", f"--data.val={val}", f"--data.test={test}"]
+    run = tmp_path / "run"
+    run_cli("fit", "--config", str(config), *data, f"--trainer.default_root_dir={run}",
+            "--trainer.devices=2", "--trainer.strategy=ddp", timeout=600)
+    ddp = json.loads((run / "summary.json").read_text())
+    assert ddp["steps"] == 3 * (320 // 32) and ddp["data/skipped"] == 0
+    assert ddp["test/i2t_R@1"] >= 0.9 and ddp["test/zeroshot_top1"] >= 0.9, ddp  # chance: ~0.25
+    assert "val/zeroshot_top1" not in ddp and ddp["val/i2t_R@1"] >= 0.9
+    assert 0 < ddp["train/logit_scale"] <= 100.0
+    # One process on the same checkpoint sees the same 90 test pairs: the gathered metrics agree.
+    single = tmp_path / "single"
+    run_cli("test", "--config", str(config), f"--data.test={test}", f"--ckpt_path={run}/checkpoints/best.ckpt",
+            f"--trainer.default_root_dir={single}")
+    one = json.loads((single / "summary.json").read_text())
+    for name in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "i2t_median_rank", "t2i_median_rank", "zeroshot_top1", "zeroshot_top5"):
+        assert one[f"test/{name}"] == pytest.approx(ddp[f"test/{name}"], abs=1.5 / 90), name
