@@ -42,18 +42,19 @@ class MagnitudePruning(ModelPruning):
     Lightning's ``ModelPruning`` with a fixed ``amount`` prunes that fraction of the *remaining*
     weights every epoch (two epochs of 0.5 leave 25%); here ``amount`` follows
     :func:`sparsity_schedule`, so the sparsity reaches ``target_sparsity`` at ``end_epoch`` and stays
-    there while the last epochs fine-tune the survivors. Pruning runs at the end of a training
-    epoch; masks are made permanent in every saved checkpoint and at the end of training.
-    ``train/sparsity`` (the zero fraction of the pruned weights) is logged each epoch.
+    there while the last epochs fine-tune the survivors. Pruning runs at the *start* of a training
+    epoch, so that epoch's training adapts to the new mask and its validation (and checkpoint)
+    measure the pruned model; masks are made permanent in every saved checkpoint and at the end
+    of training. ``train/sparsity`` (the zero fraction of the pruned weights) is logged each epoch.
 
     Checkpoints saved before the target is reached are denser than the final model; with
-    ``reset_best_checkpoint`` the best-checkpoint tracking restarts after each pruning step, so
-    ``best.ckpt`` is a model at the target sparsity (give at least one epoch after ``end_epoch``).
+    ``reset_best_checkpoint`` the best-checkpoint tracking restarts at each pruning step, so
+    ``best.ckpt`` is a model at the target sparsity.
 
     Args:
         target_sparsity: fraction of the pruned weights that are zero at the end.
-        start_epoch: first epoch whose end prunes.
-        end_epoch: epoch whose end reaches the target; default ``max_epochs - 2``.
+        start_epoch: first epoch that starts with a pruning step (epoch 0 would prune the random init).
+        end_epoch: epoch that starts at the target sparsity; default ``max_epochs - 2`` (two epochs at the target).
         schedule: ``cubic`` (prune fast early, gently late), ``linear`` or ``once``.
         pruning_fn: a ``torch.nn.utils.prune`` method name, e.g. ``l1_unstructured`` or ``random_unstructured``.
         use_global_unstructured: rank weights across all layers together (else each layer alone).
@@ -66,7 +67,7 @@ class MagnitudePruning(ModelPruning):
     def __init__(
         self,
         target_sparsity: float = 0.5,
-        start_epoch: int = 0,
+        start_epoch: int = 1,
         end_epoch: int | None = None,
         schedule: Literal["cubic", "linear", "once"] = "cubic",
         pruning_fn: str = "l1_unstructured",
@@ -147,8 +148,11 @@ class MagnitudePruning(ModelPruning):
                     callback.best_model_score = None
                     callback.best_model_path = ""
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run_pruning(pl_module.current_epoch)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
+        # (ModelPruning would prune here; this callback prunes at the epoch's start instead)
         pl_module.log("train/sparsity", self.sparsity(), on_step=False, on_epoch=True, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:

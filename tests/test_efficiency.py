@@ -1,0 +1,213 @@
+"""Gradient accumulation, throughput monitor, pruning, QAT and quantization (fast, in one process)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+
+import lightning as L
+import pytest
+import torch
+import torch.nn as nn
+
+from mm_lightning.callbacks.pruning import MagnitudePruning, sparsity_schedule
+from mm_lightning.callbacks.throughput import ThroughputMonitor, batch_size_of, tokens_of
+from mm_lightning.quantization import QuantizationUnavailable, quantize_model, resolve_backend
+from tests.parallel_common import TinyImages, make_task
+
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    base = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0)
+    return L.Trainer(**{**base, **kwargs})
+
+
+def loader(batch_size: int, n: int = 64) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(TinyImages(n), batch_size=batch_size, shuffle=False)
+
+
+class GradCapture(L.Callback):
+    """The gradients the optimizer is about to apply."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters()}
+
+
+def test_accumulating_four_batches_equals_one_step_on_a_4x_batch():
+    """accumulate_grad_batches=4 at batch 8 == batch 32: same gradient, and the same loss after one optimizer step."""
+    results = []
+    for batch_size, accumulate in ((8, 4), (32, 1)):
+        task = make_task()  # a ViT: LayerNorm only, no batch norm
+        capture = GradCapture()
+        quiet_trainer(max_steps=1, accumulate_grad_batches=accumulate, limit_val_batches=0, callbacks=[capture]).fit(
+            task, train_dataloaders=loader(batch_size, n=32))
+        images = TinyImages(32)
+        with torch.no_grad():
+            loss = nn.functional.cross_entropy(task(images.images), images.labels)
+        results.append((loss, capture.grads, {k: v.clone() for k, v in task.model.state_dict().items()}))
+    (loss_acc, g_acc, w_acc), (loss_big, g_big, w_big) = results
+    torch.testing.assert_close(loss_acc, loss_big, atol=1e-6, rtol=0)
+    for name in g_big:
+        torch.testing.assert_close(g_acc[name], g_big[name], atol=1e-7, rtol=1e-5, msg=name)
+    # Adam divides by |g|: for gradients at rounding level (the key bias's is 0 in exact arithmetic) the first
+    # update amplifies float noise, so the weights agree to the step size's scale only
+    for name in w_big:
+        torch.testing.assert_close(w_acc[name], w_big[name], atol=1e-4, rtol=0, msg=name)
+    assert not torch.equal(w_big["head.weight"], make_task().model.state_dict()["head.weight"])  # a step happened
+
+
+def test_throughput_monitor_logs_speed_and_memory(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    monitor = ThroughputMonitor(warmup_steps=1, window=2)
+    trainer = quiet_trainer(max_steps=7, limit_val_batches=0, callbacks=[monitor], log_every_n_steps=2,
+                            logger=CSVLogger(tmp_path, name="", version=""))
+    trainer.fit(make_task(), train_dataloaders=loader(8))
+    metrics = trainer.callback_metrics
+    assert metrics["perf/samples_per_s"] > 0 and metrics["perf/step_time"] > 0
+    assert 0.05 < float(metrics["perf/max_memory_gb"]) < 64
+    assert "perf/mfu" not in metrics  # no known peak FLOPs on a CPU
+    assert monitor.flops_per_batch is None
+    assert "perf/samples_per_s" in (tmp_path / "metrics.csv").read_text()
+
+
+def test_batch_and_token_counts():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert batch_size_of({"image": torch.zeros(5, 3, 2, 2), "label": torch.zeros(5)}) == 5
+    assert batch_size_of({"input_ids": torch.zeros(2, 3), "attention_mask": mask}) == 2
+    assert int(tokens_of({"attention_mask": mask})) == 3
+    assert int(tokens_of({"chosen_attention_mask": mask, "rejected_attention_mask": mask})) == 6
+    assert tokens_of({"image": torch.zeros(1)}) is None
+
+
+@pytest.mark.parametrize("kind", ["cubic", "linear", "once"])
+def test_sparsity_schedule_reaches_the_target(kind):
+    amounts = sparsity_schedule(0.8, 1, 4, kind)
+    remaining = 1.0
+    for epoch in sorted(amounts):
+        assert 0 <= amounts[epoch] < 1
+        remaining *= 1 - amounts[epoch]
+    assert 1 - remaining == pytest.approx(0.8)
+    assert max(amounts) == 4 and (min(amounts) == 1 or kind == "once")
+    with pytest.raises(ValueError, match="target_sparsity"):
+        sparsity_schedule(1.0, 0, 1)
+
+
+def test_magnitude_pruning_hits_target_and_is_permanent(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    val = loader(32)
+    pruning = MagnitudePruning(target_sparsity=0.6, start_epoch=1, end_epoch=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/acc", mode="max",
+                                 enable_version_counter=False)
+    task = make_task()
+    trainer = quiet_trainer(max_epochs=4, callbacks=[pruning, checkpoint], enable_checkpointing=True)
+    trainer.fit(task, train_dataloaders=loader(16), val_dataloaders=val)
+    assert float(trainer.callback_metrics["train/sparsity"]) == pytest.approx(0.6, abs=0.005)
+    linears = [m for m in task.model.modules() if isinstance(m, nn.Linear)]
+    assert not any(hasattr(m, "weight_orig") for m in linears)  # made permanent
+    zeros = sum(int((m.weight == 0).sum()) for m in linears)
+    assert zeros / sum(m.weight.numel() for m in linears) == pytest.approx(0.6, abs=0.005)
+    # best.ckpt is from after the last pruning step and loads into a plain model
+    state = torch.load(tmp_path / "best.ckpt", map_location="cpu", weights_only=False)
+    assert state["epoch"] >= 2  # not a denser checkpoint from before the target was reached
+    fresh = make_task()
+    fresh.load_state_dict(state["state_dict"])
+    w = [m.weight for m in fresh.model.modules() if isinstance(m, nn.Linear)]
+    assert sum(int((x == 0).sum()) for x in w) / sum(x.numel() for x in w) == pytest.approx(0.6, abs=0.005)
+
+
+@pytest.mark.skipif(not HAS_TORCHAO, reason="needs torchao (the quant extra)")
+def test_quantization_aware_training_prepares_and_converts(tmp_path):
+    from mm_lightning.callbacks.qat import QuantizationAwareTraining
+
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(type(pl_module.model.blocks[0].mlp.fc1).__name__)
+
+    task = make_task()
+    keys = list(task.state_dict())
+    quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[QuantizationAwareTraining("int8-dynamic"), Spy()]).fit(
+        task, train_dataloaders=loader(16))
+    assert seen == ["FakeQuantizedLinear"] * 2
+    assert type(task.model.blocks[0].mlp.fc1) is nn.Linear and list(task.state_dict()) == keys
+    with pytest.raises(ValueError, match="QAT method"):
+        QuantizationAwareTraining("int2")  # type: ignore[arg-type]
+
+
+def _size(module: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.tell()
+
+
+@pytest.mark.parametrize("method,backend", [("int8-dynamic", "pytorch"), ("int8-dynamic", "torchao"),
+                                            ("int8-weight-only", "torchao"), ("int4-weight-only", "torchao")])
+def test_quantize_model_keeps_predictions(method, backend):
+    if backend == "torchao" and not HAS_TORCHAO:
+        pytest.skip("needs torchao")
+    task = make_task()
+    task.eval()
+    images = TinyImages(32).images
+    with torch.no_grad():
+        before = task(images)
+    float_size = _size(task.model)
+    assert quantize_model(task, method, backend) == backend
+    with torch.no_grad():
+        after = task(images)
+    error = (after - before).norm() / before.norm()  # relative error of the logits
+    assert error < (0.05 if method.startswith("int8") else 0.25), error
+    assert _size(task.model) < float_size
+
+
+def test_quantization_errors_name_the_method():
+    with pytest.raises(QuantizationUnavailable, match="load_causal_lm_nf4"):
+        resolve_backend("nf4")
+    with pytest.raises(QuantizationUnavailable, match="int4-weight-only --backend pytorch"):
+        resolve_backend("int4-weight-only", "pytorch")
+    assert resolve_backend("int8-dynamic", "auto", "cpu") == "pytorch"
+
+
+# ------------------------------------------------------------------------------------ GPU only
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="Lightning's DeepSpeed strategy runs on CUDA only (refuses CPU)")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_on_cuda(stage, tmp_path):
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed (pip install 'mm-lightning[deepspeed]')")
+    from mm_lightning.parallel import DeepSpeed
+
+    task = make_task()
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    trainer = L.Trainer(accelerator="gpu", devices=1, strategy=DeepSpeed(stage=stage), precision="bf16-mixed",
+                        max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(task, train_dataloaders=loader(16))
+    assert trainer.global_step == 4
+    trainer.save_checkpoint(tmp_path / "ds.ckpt")
+    assert (tmp_path / "ds.ckpt").exists()
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    if stage == 2:  # ZeRO-3 partitions parameters: the module's own tensors are placeholders
+        after = task.model.state_dict()
+        assert any(not torch.equal(before[k], after[k].cpu()) for k in before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="MFU needs a GPU with known peak FLOPs")
+def test_throughput_monitor_reports_mfu_on_gpu():
+    monitor = ThroughputMonitor(warmup_steps=1, window=2)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=6, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[monitor],
+                        log_every_n_steps=2)
+    trainer.fit(make_task(), train_dataloaders=loader(16))
+    if monitor.peak_flops is None:
+        pytest.skip(f"Lightning does not know the peak FLOPs of {torch.cuda.get_device_name()}")
+    assert monitor.flops_per_batch and monitor.flops_per_batch > 0
+    assert 0 < float(trainer.callback_metrics["perf/mfu"]) < 1
