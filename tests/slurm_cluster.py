@@ -38,6 +38,12 @@ PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 ETC_CONF = Path("/etc/slurm/slurm.conf")
 PERSISTENT_DIR = Path(tempfile.gettempdir()) / "mm-lightning-slurm"  # used by the command line
 PARTITION = "debug"
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin"])
+
+
+def which(name: str) -> str | None:
+    """``shutil.which`` that also looks in the sbin directories (daemons live there; PATH may lack them)."""
+    return shutil.which(name, path=SEARCH_PATH)
 
 
 class SlurmUnavailable(RuntimeError):
@@ -53,11 +59,11 @@ def _run(cmd: list[str], timeout: float = 60, check: bool = True, **kwargs) -> s
 
 def install() -> None:
     """Install the SLURM and munge packages with apt-get unless ``sbatch`` and the daemons are present."""
-    if all(shutil.which(p) for p in ("sbatch", "srun", "scontrol", "slurmctld", "slurmd", "munged")):
+    if all(which(p) for p in ("sbatch", "srun", "scontrol", "slurmctld", "slurmd", "munged", "mungekey")):
         return
     if os.geteuid() != 0:
         raise SlurmUnavailable("SLURM is not installed and installing it needs root (apt-get)")
-    if not shutil.which("apt-get"):
+    if not which("apt-get"):
         raise SlurmUnavailable("SLURM is not installed and there is no apt-get to install it with")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
@@ -70,7 +76,7 @@ def install() -> None:
 
 
 def _munge_ok() -> bool:
-    if not shutil.which("munge"):
+    if not which("munge"):
         return False
     encode = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
     if encode.returncode != 0:
@@ -86,14 +92,14 @@ def start_munge() -> int | None:
         raise SlurmUnavailable("munged is not running and starting it needs root")
     key = Path("/etc/munge/munge.key")
     if not key.exists():
-        _run(["mungekey", "--create", "--keyfile", str(key)])
+        _run([which("mungekey") or "mungekey", "--create", "--keyfile", str(key)])
     for path in (Path("/etc/munge"), Path("/var/lib/munge"), Path("/var/log/munge"), Path("/run/munge")):
         path.mkdir(parents=True, exist_ok=True)
         shutil.chown(path, "munge", "munge")
     shutil.chown(key, "munge", "munge")
     key.chmod(0o400)
     Path("/etc/munge").chmod(0o700)
-    _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"])
+    _run([which("runuser") or "runuser", "-u", "munge", "--", which("munged") or "/usr/sbin/munged"])
     for _ in range(50):
         if _munge_ok():
             break
@@ -106,7 +112,7 @@ def start_munge() -> int | None:
 
 def node_shape() -> dict[str, int]:
     """CPUs, sockets, cores, threads and RealMemory (MB) of this machine, as ``slurmd -C`` reads them."""
-    out = _run(["slurmd", "-C"]).stdout
+    out = _run([which("slurmd") or "slurmd", "-C"]).stdout
     fields = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[0]))
     return {k: int(fields[k]) for k in ("CPUs", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")}
 
@@ -158,7 +164,7 @@ PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 
 def _ping_ok(env: dict[str, str] | None = None) -> bool:
-    if not shutil.which("scontrol"):
+    if not which("scontrol"):
         return False
     try:
         proc = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10, env=env)
@@ -181,13 +187,17 @@ def _read_pid(path: Path) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie left for an init that does not reap counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @dataclass
@@ -218,17 +228,17 @@ class SlurmCluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """Stop the daemons started here (slurmd first) and remove the /etc/slurm symlink made here."""
+        """Stop the daemons started here (SIGTERM, SIGKILL after 15 s) and remove the /etc/slurm symlink made here."""
         for pid in self.started:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
-                continue
-            for _ in range(100):
-                if not _alive(pid):
-                    break
-                time.sleep(0.1)
-            else:
+                pass
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in self.started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in self.started:
+            if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self.started = []
         if self.linked_etc and ETC_CONF.is_symlink():
@@ -267,7 +277,7 @@ def start(state_dir: Path | None = None, timeout: float = 60) -> SlurmCluster:
         for daemon, pid_name, args in (("slurmctld", "slurmctld.pid", ["-i"]), ("slurmd", "slurmd.pid", [])):
             pid_file = state_dir / pid_name
             pid_file.unlink(missing_ok=True)
-            _run([f"/usr/sbin/{daemon}", "-f", str(cluster.conf), *args], env=env)
+            _run([which(daemon) or f"/usr/sbin/{daemon}", "-f", str(cluster.conf), *args], env=env)
             for _ in range(100):
                 pid = _read_pid(pid_file)
                 if pid:

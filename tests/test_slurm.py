@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests import slurm_cluster
 from tests.conftest import REPO
@@ -150,6 +151,7 @@ def test_preempted_job_requeues_resumes_and_finishes_its_epochs(slurm, colour_sh
     env = slurm.env
     # 1) USR1 (what --signal=USR1@90 sends before the time limit): Lightning saves hpc_ckpt_1 and requeues
     _wait_until(last.exists, 120, "the first epoch's checkpoint", job, slurm)
+    time.sleep(1.0)  # into the second epoch
     subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=10)
     _wait_until(lambda: slurm_cluster.job_info(job, env).get("Restarts") == "1" and hpc.exists(), 60,
                 "the requeue after USR1", job, slurm)
@@ -165,7 +167,11 @@ def test_preempted_job_requeues_resumes_and_finishes_its_epochs(slurm, colour_sh
     assert [runs[i] for i in range(1, len(runs), 2)] == ["0", "1", "2"], "each restart appends to the same log"
     assert f"Restored all states from the checkpoint at {hpc}" in runs[4]
     assert f"Restored all states from the checkpoint at {last}" in runs[6]
+    # The planned epochs of 8 steps each: Lightning keeps an interrupted epoch's length in steps when it resumes
+    # (the data stream of that epoch starts over, WebDataset streams are not resumable); a step that the USR1
+    # handler interrupted may run once more. The unannounced requeue resumes at an epoch boundary (last.ckpt).
+    assert torch.load(hpc, map_location="cpu", weights_only=False)["global_step"] >= 8  # saved after epoch 1
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["epochs"] == 3 and summary["steps"] == 3 * 256 // 32, summary  # the planned epochs, no more
+    assert summary["epochs"] == 3 and 3 * 256 // 32 <= summary["steps"] <= 3 * 256 // 32 + 1, summary
     assert summary["test/acc"] >= 0.5, summary
     print(f"preempted twice and resumed: {time.monotonic() - start:.1f} s from submit to COMPLETED")
