@@ -73,25 +73,28 @@ def size_on_disk(module: nn.Module, path: Path | None = None) -> int:
     return buffer.tell()
 
 
+def _predict(task: Any, batch: dict[str, Any]) -> Any:
+    try:
+        return task.predict_step(batch, 0)
+    except (NotImplementedError, TypeError, KeyError):
+        return task(batch["image"])
+
+
 @torch.inference_mode()
-def batch_latency(task: Any, batch: dict[str, Any], repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds of ``task.predict_step`` (or ``task(batch["image"])``) on one batch."""
-    task.eval()
-
-    def call() -> Any:
-        try:
-            return task.predict_step(batch, 0)
-        except (NotImplementedError, TypeError, KeyError):
-            return task(batch["image"])
-
-    for _ in range(warmup):
-        call()
-    times = []
+def interleaved_latency(tasks: list[Any], batch: dict[str, Any], repeats: int = 20, warmup: int = 3) -> list[float]:
+    """Median seconds of ``predict_step`` (or ``task(batch["image"])``) on one batch for each task, timed in
+    turns (A B A B ...) so that a change in the machine's load affects all of them alike."""
+    for task in tasks:
+        task.eval()
+        for _ in range(warmup):
+            _predict(task, batch)
+    times: list[list[float]] = [[] for _ in tasks]
     for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for i, task in enumerate(tasks):
+            start = time.perf_counter()
+            _predict(task, batch)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def test_metrics(task: Any, data: Any, root: Path) -> dict[str, float]:
@@ -115,8 +118,8 @@ def headline_metric(task: Any, metrics: dict[str, float]) -> str:
     return next((k for k in sorted(metrics) if k.startswith("test/") and "loss" not in k), next(iter(metrics), ""))
 
 
-def evaluate_variant(configs: list[str], ckpt: Path, method: str | None, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """Build, load, (quantize), and measure one variant: ``method=None`` is the float model."""
+def build_variant(configs: list[str], ckpt: Path, method: str | None, args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """The task loaded from ``ckpt`` (quantized with ``method`` unless None), its data module, and the backend."""
     task, data, _ = load_task_and_data(configs, args.set)
     load_checkpoint(task, ckpt)
     task.activation_checkpointing = False  # inference: no training-time switches
@@ -126,33 +129,44 @@ def evaluate_variant(configs: list[str], ckpt: Path, method: str | None, args: a
         backend = quantize_model(task, method, args.backend, group_size=args.group_size, device="cpu")
     if args.compile:
         inference_module(task).compile()
-    name = method or "float"
-    size = size_on_disk(inference_module(task), out / "quantized" / f"{name}.pt" if method else None)
+    return task, data, backend
+
+
+def compare(configs: list[str], ckpt: Path, method: str, args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
+    """Float and ``method`` rows: test metrics, size on disk, latency per batch (timed in turns)."""
+    variants = {"float": build_variant(configs, ckpt, None, args), method: build_variant(configs, ckpt, method, args)}
+    data = variants["float"][1]
     data.setup("test")
     batch = next(iter(data.test_dataloader()))
     batch.pop("skipped", None)
-    latency = batch_latency(task, batch, repeats=args.repeats)
-    metrics = test_metrics(task, data, out / "quantized" / name)
-    return {
-        "method": name, "backend": backend, "size_bytes": size, "latency_s": latency,
-        "batch_size": int(batch["image"].shape[0]) if "image" in batch else None,
-        "metrics": metrics, "headline": headline_metric(task, metrics), "threads": torch.get_num_threads(),
-    }
+    latencies = interleaved_latency([v[0] for v in variants.values()], batch, repeats=args.repeats)
+    rows = {}
+    for (name, (task, task_data, backend)), latency in zip(variants.items(), latencies):
+        size = size_on_disk(inference_module(task), out / "quantized" / f"{name}.pt" if name != "float" else None)
+        metrics = test_metrics(task, task_data, out / "quantized" / name)
+        rows[name] = {
+            "method": name, "backend": backend, "size_bytes": size, "latency_s": latency,
+            "batch_size": int(batch["image"].shape[0]) if "image" in batch else None,
+            "metrics": metrics, "headline": headline_metric(task, metrics), "threads": torch.get_num_threads(),
+        }
+    reference = rows["float"]  # what this method was measured against (rows of earlier calls keep theirs)
+    rows[method]["reference"] = {k: reference[k] for k in ("size_bytes", "latency_s", "metrics")}
+    return rows
 
 
 def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
-    """One row per variant, each against the float row."""
-    base = rows.get("float")
+    """One row per variant, each against the float model it was measured with."""
     lines = [
         "| method | backend | metric | value | vs float | size (MB) | smaller | latency / batch (ms) | speed-up |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
+        base = row.get("reference") or rows.get("float") or row
         metric = row["headline"]
         value = row["metrics"].get(metric, float("nan"))
-        delta = value - base["metrics"].get(metric, float("nan")) if base else float("nan")
-        smaller = base["size_bytes"] / row["size_bytes"] if base else float("nan")
-        speed = base["latency_s"] / row["latency_s"] if base else float("nan")
+        delta = value - base["metrics"].get(metric, float("nan"))
+        smaller = base["size_bytes"] / row["size_bytes"]
+        speed = base["latency_s"] / row["latency_s"]
         lines.append(
             f"| {name} | {row['backend']} | {metric} | {value:.4f} | {delta:+.4f} | {row['size_bytes'] / 1e6:.3f} |"
             f" {smaller:.2f}x | {row['latency_s'] * 1e3:.1f} | {speed:.2f}x |"
@@ -187,13 +201,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from mm_lightning.quantization import resolve_backend
 
         resolve_backend(args.method, args.backend, "cpu")  # fail before any work
-        quantized = evaluate_variant(configs, ckpt, args.method, args, out)
+        fresh = compare(configs, ckpt, args.method, args, out)
     except QuantizationUnavailable as e:
         raise SystemExit(f"error: {e}") from None
-    floating = evaluate_variant(configs, ckpt, None, args, out)
     table_path = out / "quantization.json"
     rows: dict[str, Any] = json.loads(table_path.read_text()) if table_path.is_file() else {}
-    rows = {"float": floating, **{k: v for k, v in rows.items() if k != "float"}, args.method: quantized}
+    rows = {"float": fresh["float"], **{k: v for k, v in rows.items() if k != "float"}, args.method: fresh[args.method]}
     rows["float"]["checkpoint_bytes"] = ckpt.stat().st_size
     out.mkdir(parents=True, exist_ok=True)
     table_path.write_text(json.dumps(rows, indent=2) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 
 import lightning as L
 import pytest
@@ -13,7 +14,9 @@ import torch.nn as nn
 from mm_lightning.callbacks.pruning import MagnitudePruning, sparsity_schedule
 from mm_lightning.callbacks.throughput import ThroughputMonitor, batch_size_of, tokens_of
 from mm_lightning.quantization import QuantizationUnavailable, quantize_model, resolve_backend
+from tests.conftest import REPO
 from tests.parallel_common import TinyImages, make_task
+from tests.test_run import run_cli
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 
@@ -211,3 +214,71 @@ def test_throughput_monitor_reports_mfu_on_gpu():
         pytest.skip(f"Lightning does not know the peak FLOPs of {torch.cuda.get_device_name()}")
     assert monitor.flops_per_batch and monitor.flops_per_batch > 0
     assert 0 < float(trainer.callback_metrics["perf/mfu"]) < 1
+
+
+# ------------------------------------------------ CLI runs of the main config (shrunk), shared by the checks
+VIT = str(REPO / "experiments" / "configs" / "vit_shapes.yaml")
+PRESETS = REPO / "experiments" / "configs" / "presets"
+#: vit_shapes.yaml's model, optimizer and data, for fewer samples (its settings are read from the file)
+SHRINK = ["--data.samples_per_epoch=2048", "--trainer.max_epochs=3", "--data.eval_batch_size=500", "--data.num_workers=1",
+          "--trainer.log_every_n_steps=4", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+          "--logger=csv", "--trainer.accelerator=cpu"]
+
+
+def summary_of(run) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory):
+    """One process, the config's batch: the reference of the DDP, pruning and quantization checks."""
+    run = tmp_path_factory.mktemp("vit") / "run"
+    run_cli("fit", "--config", VIT, *SHRINK, f"--trainer.default_root_dir={run}", timeout=900)
+    return run
+
+
+@pytest.mark.slow
+def test_two_process_ddp_from_the_cli_matches_one_process(baseline_run, tmp_path):
+    """vit_shapes.yaml with presets/ddp.yaml on 2 CPU processes (gloo), per-device batch halved so the global
+    batch and step count equal the 1-process run's: it completes and reaches the same validation accuracy band."""
+    from experiments.common import load_task_and_data
+
+    _, data, _ = load_task_and_data([VIT])
+    run = tmp_path / "ddp"
+    run_cli("fit", "--config", VIT, "--config", str(PRESETS / "ddp.yaml"), *SHRINK, "--trainer.devices=2",
+            f"--data.batch_size={data.batch_size // 2}", f"--trainer.default_root_dir={run}", timeout=900)
+    one, two = summary_of(baseline_run), summary_of(run)
+    assert two["steps"] == one["steps"] and two["epochs"] == one["epochs"]
+    chance = 1 / 6
+    assert one["val/acc"] > chance + 0.08 and two["val/acc"] > chance + 0.08, (one["val/acc"], two["val/acc"])
+    assert abs(two["val/acc"] - one["val/acc"]) <= 0.08, (one["val/acc"], two["val/acc"])
+    assert abs(two["test/acc"] - one["test/acc"]) <= 0.08, (one["test/acc"], two["test/acc"])
+
+
+@pytest.mark.slow
+def test_pruning_reaches_the_sparsity_and_keeps_accuracy(baseline_run, tmp_path):
+    run = tmp_path / "pruned"
+    run_cli("fit", "--config", VIT, "--config", str(PRESETS / "pruning.yaml"), *SHRINK,
+            f"--trainer.default_root_dir={run}", timeout=900)
+    pruned, dense = summary_of(run), summary_of(baseline_run)
+    target = 0.5  # presets/pruning.yaml
+    assert pruned["train/sparsity"] == pytest.approx(target, abs=0.002)
+    state = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    weights = [v for k, v in state.items() if k.startswith("model.") and k.endswith(".weight") and v.ndim == 2]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(target, abs=0.002)  # the tested checkpoint is the pruned model
+    assert pruned["test/acc"] >= dense["test/acc"] - 0.02, (dense["test/acc"], pruned["test/acc"])
+
+
+@pytest.mark.slow
+def test_int8_quantization_keeps_accuracy_and_shrinks_the_model(baseline_run):
+    from experiments.quantize import main as quantize
+
+    rows = quantize(["--ckpt", str(baseline_run / "checkpoints" / "best.ckpt"), "--method", "int8-dynamic", "--repeats", "3"])
+    floating, int8 = rows["float"], rows["int8-dynamic"]
+    assert int8["headline"] == "test/acc"
+    assert abs(int8["metrics"]["test/acc"] - floating["metrics"]["test/acc"]) <= 0.01
+    assert floating["size_bytes"] / int8["size_bytes"] >= 3.0
+    assert floating["checkpoint_bytes"] / int8["size_bytes"] >= 3.0
+    assert (baseline_run / "quantization.md").read_text().count("| int8-dynamic |") == 1
+    assert (baseline_run / "quantized" / "int8-dynamic.pt").is_file()

@@ -101,7 +101,7 @@ def test_two_process_fsdp_hsdp_tensor_and_pipeline_parallel_match_one_process(tm
     """One torchrun launch (2 gloo ranks) runs all checks; each must reproduce the 1-process losses."""
     checks = ["fsdp", "hsdp", "fsdp_noreshard_ac", "tp", "pipeline_gpipe", "pipeline_1f1b"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "dist_parallel.py"), str(tmp_path), *checks]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
