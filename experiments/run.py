@@ -168,11 +168,11 @@ class MMLightningCLI(LightningCLI):
         if cfg.logger == "csv":
             from lightning.pytorch.loggers import CSVLogger
 
-            return CSVLogger(save_dir=root, name="", version="")
+            return CSVLogger(save_dir=root, name="csv")  # version_N per (re)start: nothing overwritten
         if cfg.logger == "tensorboard":
             from lightning.pytorch.loggers import TensorBoardLogger
 
-            return TensorBoardLogger(save_dir=root, name="", version="")
+            return TensorBoardLogger(save_dir=root, name="tensorboard")
         from lightning.pytorch.loggers import WandbLogger
 
         online = os.environ.get("WANDB_MODE", "offline") == "online"
