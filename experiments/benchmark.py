@@ -3,13 +3,12 @@
     python -m experiments.benchmark [--config experiments/configs/vit_shapes.yaml] [--out DIR]
 
 (a) **Overhead.** The config's model, optimizer (AdamW with the task's weight-decay groups and
-    warmup + cosine schedule), batch size and the same in-memory batches, trained for the same
-    number of steps by a bare PyTorch loop and by our task in Lightning's Trainer with
-    ``experiments.run``'s default callbacks and logger (checkpointing, data monitor, run summary,
-    learning-rate monitor, W&B offline or CSV) plus the throughput monitor. The two alternate in
-    one process (ABBA order, fresh copies of the same initial weights each round); each round
-    times the steps after a warm-up; the reported ratio is the median of the per-round ratios
-    (Trainer time / bare time), robust to a noisy shared machine.
+    warmup + cosine schedule), batch size and the same in-memory batches, trained by a bare PyTorch
+    loop and by our task in Lightning's Trainer with ``experiments.run``'s default callbacks and
+    logger (checkpointing, data monitor, run summary, learning-rate monitor, W&B offline or CSV) plus
+    the throughput monitor. The two alternate step by step in one process (the Trainer's data set
+    runs one bare step before handing over each batch), so load changes on a shared machine hit both
+    alike; the reported ratio (Trainer time / bare time) is the median over blocks of steps.
 (b) **Data path.** The config's training shards through ``WebDataModule`` and its sample pipeline
     (read, decode, augment, collate) with 0, 1 and 2 workers, in samples/s, against the model's
     consumption (batch size / bare step time).
@@ -71,140 +70,141 @@ def make_batches(task: Any, data: Any, count: int, device: torch.device) -> list
     ]
 
 
-def bare_loop(task: Any, init: dict[str, torch.Tensor], batches: list, warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds for ``steps`` steps (after ``warmup``) of a plain PyTorch loop on the task's model."""
-    model = copy.deepcopy(task.model).to(device)
-    model.load_state_dict(init)
-    model.train()
-    total = warmup + steps
-    optimizer = torch.optim.AdamW(param_groups(model, task.weight_decay), lr=task.lr, betas=task.betas)
-    warm = task.warmup_steps or int(task.warmup_epochs * total)  # as Task.configure_optimizers with max_steps only
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warm, total, task.min_lr_ratio))
-    smoothing = getattr(task, "label_smoothing", 0.0)
-    start = 0.0
-    for i in range(total):
-        if i == warmup:
-            _sync(device)
-            start = time.perf_counter()
-        batch = batches[i % len(batches)]
-        loss = F.cross_entropy(model(batch["image"]), batch["label"], label_smoothing=smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    _sync(device)
-    return time.perf_counter() - start
+class BareLoop:
+    """The bare PyTorch training loop, one step per call: the task's model, AdamW groups and schedule."""
 
-
-class StepTimer(L.Callback):
-    """Times a Trainer from the end of batch ``warmup - 1`` to the end of its last batch."""
-
-    def __init__(self, warmup: int, device: torch.device) -> None:
-        self.warmup = warmup
+    def __init__(self, task: Any, init: dict[str, torch.Tensor], batches: list, total: int, device: torch.device) -> None:
+        self.model = copy.deepcopy(task.model).to(device)
+        self.model.load_state_dict(init)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, task.weight_decay), lr=task.lr, betas=task.betas)
+        warm = task.warmup_steps or int(task.warmup_epochs * total)  # as Task.configure_optimizers with max_steps only
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, warm, total, task.min_lr_ratio)
+        )
+        self.smoothing = getattr(task, "label_smoothing", 0.0)
+        self.batches = batches
         self.device = device
-        self.start = 0.0
-        self.end = 0.0
+
+    def step(self, i: int) -> None:
+        batch = self.batches[i % len(self.batches)]
+        loss = F.cross_entropy(self.model(batch["image"]), batch["label"], label_smoothing=self.smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+
+
+class Interleaved(torch.utils.data.IterableDataset):
+    """Yields the Trainer's batches and runs one bare-loop step (timed) before each: the two alternate step by step."""
+
+    def __init__(self, bare: BareLoop, total: int) -> None:
+        self.bare, self.total = bare, total
+        self.intervals: list[tuple[float, float]] = []
+
+    def __iter__(self):
+        for i in range(self.total):
+            _sync(self.bare.device)
+            start = time.perf_counter()
+            self.bare.step(i)
+            _sync(self.bare.device)
+            self.intervals.append((start, time.perf_counter()))
+            yield self.bare.batches[i % len(self.bare.batches)]
+
+    def __len__(self) -> int:
+        return self.total
+
+
+class StepClock(L.Callback):
+    """The time at the end of every training batch (after a device sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ends: list[float] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx == self.warmup - 1:
-            _sync(self.device)
-            self.start = time.perf_counter()
-        elif batch_idx == trainer.max_steps - 1:
-            _sync(self.device)
-            self.end = time.perf_counter()
+        _sync(self.device)
+        self.ends.append(time.perf_counter())
 
 
-def trainer_loop(
-    task_factory: Any, init: dict[str, torch.Tensor], batches: list, warmup: int, steps: int, root: str, logger: str,
-    precision: str,
-) -> float:
-    """Seconds for the same steps run by our task in the Trainer with experiments.run's default callbacks."""
+def default_callbacks(root: str, logger: str) -> tuple[list[L.Callback], Any]:
+    """``experiments.run``'s default callbacks and logger (with the throughput monitor)."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from mm_lightning.callbacks.data_monitor import DataMonitor
     from mm_lightning.callbacks.run_summary import RunSummary
     from mm_lightning.callbacks.throughput import ThroughputMonitor
 
-    task = task_factory()
-    task.model.load_state_dict(init)
-    total = warmup + steps
-    device = batches[0]["image"].device
-    timer = StepTimer(warmup, device)
     callbacks = [
         ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), filename="best", save_last=True, monitor=None),
         DataMonitor(),
         RunSummary(),
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(),
-        timer,
     ]
     if logger == "wandb" and importlib.util.find_spec("wandb") is not None:
         from lightning.pytorch.loggers import WandbLogger
 
-        log = WandbLogger(save_dir=root, project="mm-lightning-benchmark", offline=True)
-    else:
-        from lightning.pytorch.loggers import CSVLogger
+        return callbacks, WandbLogger(save_dir=root, project="mm-lightning-benchmark", offline=True)
+    from lightning.pytorch.loggers import CSVLogger
 
-        log = CSVLogger(save_dir=root, name="", version="")
-    trainer = L.Trainer(
-        accelerator=device.type, devices=1, max_steps=total, precision=precision, logger=log, callbacks=callbacks,
-        default_root_dir=root, log_every_n_steps=min(20, steps), num_sanity_val_steps=0, limit_val_batches=0,
-    )
-    loader = torch.utils.data.DataLoader(_Repeat(batches, total), batch_size=None)
-    trainer.fit(task, train_dataloaders=loader)
-    if logger == "wandb" and hasattr(log, "experiment"):
-        import wandb
-
-        wandb.finish(quiet=True)
-    return timer.end - timer.start
-
-
-class _Repeat(torch.utils.data.IterableDataset):
-    def __init__(self, batches: list, total: int) -> None:
-        self.batches, self.total = batches, total
-
-    def __iter__(self):
-        for i in range(self.total):
-            yield self.batches[i % len(self.batches)]
-
-    def __len__(self) -> int:
-        return self.total
+    return callbacks, CSVLogger(save_dir=root, name="", version="")
 
 
 def overhead(configs: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """(a): bare loop vs Trainer, alternated; median of per-round ratios."""
+    """(a): the bare loop and the Trainer alternate step by step; per-block time ratios.
+
+    One Trainer fit of ``warmup + rounds * steps`` batches. Its dataset runs one bare-loop step
+    (on its own copy of the same initial weights, same batch) before yielding each batch, so a
+    bare step and a Trainer step always run back to back. The Trainer's time for batch i is the
+    time between the ends of batches i-1 and i minus the bare step(s) run in between. Blocks of
+    ``steps`` batches (a multiple of the logging interval, so each holds its share of logging)
+    give one ratio each; the median over blocks is reported.
+    """
     L.seed_everything(0, verbose=False)
     task, data, merged = load_task_and_data(configs, args.set)
     device = _device()
     init = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+    task.to(device)
     batches = make_batches(task, data, 8, device)
     precision = str((merged.get("trainer") or {}).get("precision", "32-true"))
+    log_every = int((merged.get("trainer") or {}).get("log_every_n_steps", 50))
+    total = args.warmup + args.rounds * args.steps
+    bare = BareLoop(task, init, batches, total, device)
+    dataset = Interleaved(bare, total)
+    clock = StepClock(device)
+    with tempfile.TemporaryDirectory() as root:
+        callbacks, logger = default_callbacks(root, args.logger)
+        trainer = L.Trainer(
+            accelerator=device.type, devices=1, max_steps=total, precision=precision, logger=logger,
+            callbacks=[*callbacks, clock], default_root_dir=root, log_every_n_steps=log_every,
+            num_sanity_val_steps=0, limit_val_batches=0,
+        )
+        trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(dataset, batch_size=None))
+        if args.logger == "wandb" and importlib.util.find_spec("wandb") is not None:
+            import wandb
 
-    def factory() -> Any:
-        fresh, _, _ = load_task_and_data(configs, args.set)
-        return fresh
-
+            wandb.finish()
+    ends, intervals = clock.ends, dataset.intervals
+    trainer_steps, bare_steps = [], []
+    for i in range(args.warmup, total):
+        window = (ends[i - 1], ends[i])
+        inside = sum(b - a for a, b in intervals if a >= window[0] and b <= window[1])
+        trainer_steps.append(window[1] - window[0] - inside)
+        bare_steps.append(intervals[i][1] - intervals[i][0])
     rounds = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            order = ("bare", "trainer") if r % 2 == 0 else ("trainer", "bare")  # ABBA: drift cancels
-            times: dict[str, float] = {}
-            for kind in order:
-                if kind == "bare":
-                    times[kind] = bare_loop(task, init, batches, args.warmup, args.steps, device)
-                else:
-                    root = os.path.join(tmp, f"round{r}")
-                    times[kind] = trainer_loop(factory, init, batches, args.warmup, args.steps, root, args.logger, precision)
-            ratio = times["trainer"] / times["bare"]
-            rounds.append({**times, "ratio": ratio})
-            print(f"  round {r + 1}/{args.rounds}: bare {times['bare'] / args.steps * 1e3:.1f} ms/step, "
-                  f"trainer {times['trainer'] / args.steps * 1e3:.1f} ms/step, ratio {ratio:.4f}", flush=True)
-    bare_step = statistics.median(r["bare"] for r in rounds) / args.steps
+    for r in range(args.rounds):
+        block = slice(r * args.steps, (r + 1) * args.steps)
+        t, b = sum(trainer_steps[block]), sum(bare_steps[block])
+        rounds.append({"trainer": t, "bare": b, "ratio": t / b})
+        print(f"  block {r + 1}/{args.rounds}: bare {b / args.steps * 1e3:.1f} ms/step, "
+              f"trainer {t / args.steps * 1e3:.1f} ms/step, ratio {t / b:.4f}", flush=True)
+    bare_step = statistics.median(bare_steps)
     return {
         "device": str(device), "steps_per_round": args.steps, "warmup": args.warmup, "batch_size": data.batch_size,
-        "precision": precision, "logger": args.logger, "rounds": rounds,
+        "precision": precision, "logger": args.logger, "log_every_n_steps": log_every, "rounds": rounds,
         "ratio_median": statistics.median(r["ratio"] for r in rounds),
-        "ratio_of_totals": sum(r["trainer"] for r in rounds) / sum(r["bare"] for r in rounds),
+        "ratio_of_totals": sum(trainer_steps) / sum(bare_steps),
         "bare_step_s": bare_step, "model_samples_per_s": data.batch_size / bare_step,
     }
 
@@ -311,9 +311,10 @@ def markdown(result: dict[str, Any]) -> str:
         o = result["overhead"]
         lines += [
             "### Framework overhead", "",
-            f"{o['device']}, batch {o['batch_size']}, {o['precision']}, {len(o['rounds'])} alternated rounds of "
-            f"{o['steps_per_round']} steps (after {o['warmup']} warm-up steps), logger {o['logger']}.", "",
-            "| round | bare ms/step | Trainer ms/step | ratio |", "|---|---|---|---|",
+            f"{o['device']}, batch {o['batch_size']}, {o['precision']}, bare and Trainer steps alternating, "
+            f"{len(o['rounds'])} blocks of {o['steps_per_round']} steps (after {o['warmup']} warm-up steps), "
+            f"logger {o['logger']} every {o['log_every_n_steps']} steps.", "",
+            "| block | bare ms/step | Trainer ms/step | ratio |", "|---|---|---|---|",
         ]
         for i, r in enumerate(o["rounds"]):
             lines.append(f"| {i + 1} | {r['bare'] / o['steps_per_round'] * 1e3:.1f} | {r['trainer'] / o['steps_per_round'] * 1e3:.1f} | {r['ratio']:.4f} |")
@@ -343,9 +344,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", action="append", default=None, help="experiment config(s) (default vit_shapes.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.batch_size=64")
     parser.add_argument("--parts", default="overhead,data,presets", help="comma-separated: overhead, data, presets")
-    parser.add_argument("--rounds", type=int, default=6, help="alternated bare/Trainer rounds (a)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round (a)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each round (a)")
+    parser.add_argument("--rounds", type=int, default=5, help="blocks of steps, one ratio each (a)")
+    parser.add_argument("--steps", type=int, default=20, help="steps per block; a multiple of the logging interval (a)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start (a)")
     parser.add_argument("--logger", default="wandb", choices=("wandb", "csv"), help="the Trainer's logger in (a), as experiments.run")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader workers to try (b)")
     parser.add_argument("--data-batches", type=int, default=30, help="batches timed per worker setting (b)")
