@@ -4,8 +4,8 @@ Everything here works on the *transformer blocks* of a model, found generically 
 :func:`find_transformer_blocks` (a task can override the choice with its
 ``transformer_blocks()`` hook):
 
-- :func:`apply_activation_checkpointing` wraps each block so its activations are
-  recomputed in the backward pass (state-dict keys stay those of the unwrapped model).
+- :func:`apply_activation_checkpointing` makes each block recompute its activations in the
+  backward pass (parameter names and state-dict keys unchanged).
 - :func:`apply_tensor_parallel` shards each block's attention and MLP projections over the
   tensor-parallel mesh: column-wise the input projections (``qkv``/``q_proj``/``fc1``/...),
   row-wise the output projections (``proj``/``o_proj``/``fc2``/...), so each block needs one
@@ -105,38 +105,42 @@ def find_transformer_blocks(module: nn.Module) -> list[nn.Module]:
     return _outermost(members[best])
 
 
-def _parent_of(root: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
-    for name, sub in root.named_modules():
-        for child_name, child in sub.named_children():
-            if child is target:
-                return sub, child_name
-    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
-
-
-def _replace(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
-    parent, name = _parent_of(root, target)
-    setattr(parent, name, new)  # ModuleList/Sequential accept their index as attribute name
-
-
 # ------------------------------------------------------------------ activation checkpointing
-def apply_activation_checkpointing(root: nn.Module, blocks: Iterable[nn.Module]) -> list[nn.Module]:
-    """Wrap each block of ``root`` with torch's non-reentrant ``checkpoint_wrapper``; returns the wrappers.
+class ActivationCheckpointed:
+    """Mixin for a block class: ``forward`` runs under ``torch.utils.checkpoint`` (non-reentrant).
+
+    Swapping a block's class (as FSDP2's ``fully_shard`` does) rather than wrapping it keeps every
+    parameter name, so checkpoints, optimizers and Lightning's checkpoint loaders see the same model.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+
+
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> list[nn.Module]:
+    """Recompute each block's activations in the backward pass instead of storing them; returns the blocks.
 
     Activations inside a block are not kept for backward but recomputed, trading ~30% more
-    compute for activation memory that no longer grows with depth. The wrappers' state-dict
-    hooks strip their prefix, so checkpoints load into unwrapped models and back.
+    compute for activation memory that no longer grows with depth. The blocks keep their names,
+    parameters and state-dict keys (their class becomes ``Checkpointed<Class>``).
     """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
-
-    wrapped = []
+    blocks = list(blocks)
     for block in blocks:
-        if isinstance(block, CheckpointWrapper):
-            wrapped.append(block)
+        if isinstance(block, ActivationCheckpointed):
             continue
-        wrapper = checkpoint_wrapper(block)
-        _replace(root, block, wrapper)
-        wrapped.append(wrapper)
-    return wrapped
+        cls = type(block)
+        if cls not in _CHECKPOINTED:
+            name = f"Checkpointed{cls.__name__}"
+            new = type(name, (ActivationCheckpointed, cls), {"__module__": __name__, "__qualname__": name})
+            globals().setdefault(name, new)  # importable by name, as pickle needs
+            _CHECKPOINTED[cls] = new
+        block.__class__ = _CHECKPOINTED[cls]
+    return blocks
 
 
 def compile_modules(modules: Iterable[nn.Module], **kwargs: Any) -> None:
@@ -469,8 +473,7 @@ def parallelize_task(
     if tp_size > 1:
         apply_tensor_parallel(blocks, mesh["tensor_parallel"], plan_fn)
     if activation_checkpointing:
-        host = roots[0] if len(roots) == 1 else task
-        blocks = apply_activation_checkpointing(host, blocks)
+        blocks = apply_activation_checkpointing(blocks)
     if compile_blocks:
         compile_modules(blocks)
     dp_mesh = strategy.fsdp_mesh() if isinstance(strategy, ModelParallel) else mesh["data_parallel"]

@@ -62,13 +62,16 @@ def test_activation_checkpointing_keeps_gradients_and_checkpoint_keys():
     checked.activation_checkpointing = True
     checked.configure_model()
     checked.configure_model()  # idempotent: Lightning calls it for every fit/test
-    assert type(checked.model.blocks[0]).__name__ == "CheckpointWrapper"
+    assert isinstance(checked.model.blocks[0], parallel.ActivationCheckpointed)
+    assert isinstance(checked.model.blocks[0], type(task.model.blocks[0]))
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     for module in (task, checked):
         F.cross_entropy(module(x), y).backward()
     for a, b in zip(task.parameters(), checked.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
-    assert list(checked.state_dict()) == list(task.state_dict())  # loads into an unwrapped model and back
+    assert list(checked.state_dict()) == list(task.state_dict())  # same names: loads into a plain model and back
+    assert [n for n, _ in checked.named_parameters()] == [n for n, _ in task.named_parameters()]
+    copy.deepcopy(checked)
     fresh = tiny_vit_task(activation_checkpointing=True)
     fresh.configure_model()
     fresh.load_state_dict(task.state_dict())

@@ -124,10 +124,12 @@ class ThroughputMonitor(L.Callback):
             return
         device = trainer.strategy.root_device
         if device.type == "cuda":
-            from lightning.fabric.utilities.throughput import _plugin_to_compute_dtype, get_available_flops
+            from lightning.fabric.utilities.throughput import get_available_flops
+            from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 
             dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
-            self.peak_flops = get_available_flops(device, dtype)
+            fsdp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(trainer.strategy, "mixed_precision", ""))
+            self.peak_flops = get_available_flops(device, fsdp_dtype or dtype)  # FSDP2 mixed precision computes in it
         given = getattr(pl_module, "flops_per_batch", None)
         if given:
             self.flops_per_batch = float(given)

@@ -176,7 +176,7 @@ class Task(L.LightningModule):
                     f"model.activation_checkpointing: {type(self).__name__} has no transformer blocks to checkpoint;"
                     " override transformer_blocks()"
                 )
-            blocks = parallel.apply_activation_checkpointing(self, blocks)
+            blocks = parallel.apply_activation_checkpointing(blocks)
         if self.torch_compile:
             parallel.compile_modules(blocks or [self.optimized_module()])
 
