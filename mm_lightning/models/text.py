@@ -114,6 +114,12 @@ class TextTransformer(nn.Module):
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        else:
+            # Right padding: drop the columns after the longest text. Exact (pads sit after the
+            # end-of-text token and are never attended to) and much cheaper for short captions.
+            longest = int(attention_mask.sum(1).max()) if batch else 0
+            if 0 < longest < length:
+                input_ids, attention_mask, length = input_ids[:, :longest], attention_mask[:, :longest], longest
         x = self.token_embedding(input_ids) + self.positional_embedding[:length]
         mask = None
         if self.causal:
