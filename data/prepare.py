@@ -1,0 +1,405 @@
+"""Write the data sets' WebDataset shards: ``python -m data.prepare {shapes,digits,images} ...``.
+
+* ``shapes``: the procedural shapes world (:mod:`mm_lightning.data.synthetic`), every task's default.
+* ``digits``: scikit-learn's handwritten digits (ship with the package; nothing is downloaded).
+* ``images``: an ImageFolder-style directory (one sub-folder per class) of your own images.
+
+Each writes ``{name}-{split}-000000.tar ...`` into one directory, with ``sizes.json`` (samples per
+shard) and ``manifest.json`` (name, classes, image size, seed, and per split its sample count,
+shard count and brace pattern). The manifest is written last, so its presence means "complete".
+Run from the repository root; the runner calls :func:`ensure_builtin` to generate the built-in
+data sets on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from mm_lightning.data import synthetic
+from mm_lightning.data.shards import MANIFEST_FILE, update_sizes, write_manifest, write_shards
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+KEEP_BYTES = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}  # stored as-is, under this extension
+
+
+def default_samples_per_shard(num_samples: int) -> int:
+    """min(1000, ceil(n / 4)): at most 1000 samples a shard and at least 4 shards (fewer only if n < 4),
+    so 2 workers x 2 ranks can always split a split; lowered for tiny n where ceil would give 3."""
+    per_shard = max(1, min(1000, math.ceil(num_samples / 4)))
+    while per_shard > 1 and math.ceil(num_samples / per_shard) < min(4, num_samples):
+        per_shard -= 1
+    return per_shard
+
+
+def _check(value: int, flag: str, minimum: int) -> None:
+    if value < minimum:
+        raise ValueError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def _write_split(out: Path, name: str, split: str, samples: Iterable[dict[str, Any]], num_samples: int,
+                 samples_per_shard: int | None, progress: bool) -> dict[str, Any] | None:
+    """Write one split's shards; returns its manifest entry (``None`` for an empty split)."""
+    prefix = f"{name}-{split}"
+    if num_samples == 0:  # drop the shards of an earlier run so the directory matches the manifest
+        for old in out.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+            old.unlink()
+        update_sizes(out, {})
+        return None
+    per_shard = samples_per_shard or default_samples_per_shard(num_samples)
+    bar = tqdm(samples, total=num_samples, desc=f"{name} {split}", unit="img", disable=not progress,
+               dynamic_ncols=True, mininterval=0.5)
+    counts = write_shards(bar, out, prefix, max_count=per_shard)
+    bar.close()
+    last = len(counts) - 1
+    pattern = f"{prefix}-{{000000..{last:06d}}}.tar" if last > 0 else f"{prefix}-000000.tar"
+    return {"num_samples": sum(counts.values()), "num_shards": len(counts), "pattern": pattern}
+
+
+def _finish(out: Path, splits: dict[str, dict[str, Any] | None], **fields: Any) -> dict[str, Any]:
+    return write_manifest(out, **fields, splits={k: v for k, v in splits.items() if v is not None})
+
+
+def _start(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a fresh manifest, written only once all shards are
+    return out
+
+
+def prepare_shapes(out_dir: str | os.PathLike = "data/shards/shapes", train: int = 10000, val: int = 1000,
+                   test: int = 2000, image_size: int = 32, seed: int = 0, samples_per_shard: int | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Generate the shapes world's train/val/test shards; returns the manifest.
+
+    Each split draws from its own stream (:func:`synthetic.split_seed`), so no scene repeats
+    across splits and growing one split leaves the others unchanged.
+    """
+    for value, flag in ((train, "--train"), (val, "--val"), (test, "--test")):
+        _check(value, flag, 0)
+    _check(image_size, "--image-size", 16)
+    if samples_per_shard is not None:
+        _check(samples_per_shard, "--samples-per-shard", 1)
+    out = _start(out_dir)
+    splits = {
+        split: _write_split(out, "shapes", split, synthetic.shapes_samples(n, synthetic.split_seed(seed, split),
+                                                                           image_size), n, samples_per_shard, progress)
+        for split, n in zip(SPLITS, (train, val, test))
+    }
+    return _finish(out, splits, name="shapes", classes=list(synthetic.CLASS_NAMES), image_size=image_size,
+                   seed=seed, members=["png", "cls", "txt", "json"], generator="mm_lightning.data.synthetic")
+
+
+def _allocate(sizes: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Split round(total * fraction) over classes in proportion to ``sizes`` (largest remainders first)."""
+    exact = sizes * fraction
+    counts = np.floor(exact).astype(int)
+    left = int(round(sizes.sum() * fraction)) - int(counts.sum())
+    order = np.lexsort((rng.random(len(sizes)), -(exact - counts)))  # ties broken at random
+    counts[order[:left]] += 1
+    return counts
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: float,
+                     seed: int) -> dict[str, list[int]]:
+    """Indices per split, drawn class by class so each split keeps the class proportions.
+
+    The test split gets round(N * test_fraction) items, val round(N * val_fraction), spread over
+    the classes in proportion to their sizes (as scikit-learn's stratified split does); every
+    class keeps at least one training item. Each split's indices come out shuffled.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"--val-fraction ({val_fraction}) and --test-fraction ({test_fraction}) must be in [0, 1) "
+                         "and sum to less than 1")
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    classes, sizes = np.unique(labels_arr, return_counts=True)
+    n_test, n_val = _allocate(sizes, test_fraction, rng), _allocate(sizes, val_fraction, rng)
+    out: dict[str, list[int]] = {split: [] for split in SPLITS}
+    for cls, size, t, v in zip(classes, sizes, n_test, n_val):
+        idx = rng.permutation(np.flatnonzero(labels_arr == cls))
+        t = min(int(t), size - 1)
+        v = min(int(v), size - 1 - t)
+        out["test"] += idx[:t].tolist()
+        out["val"] += idx[t:t + v].tolist()
+        out["train"] += idx[t + v:].tolist()
+    return {split: [int(i) for i in rng.permutation(v)] for split, v in out.items()}
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def prepare_digits(out_dir: str | os.PathLike = "data/shards/digits", image_size: int = 32, seed: int = 0,
+                   val_fraction: float = 0.1, test_fraction: float = 0.1, samples_per_shard: int | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Write scikit-learn's 1,797 8x8 handwritten digits as RGB PNG shards; returns the manifest.
+
+    Pixel values 0-16 are scaled to 0-255 and upscaled (bilinear) to ``image_size``; the split
+    is stratified by digit (with the defaults: 1,437 train, 180 val, 180 test).
+    """
+    from sklearn.datasets import load_digits
+
+    _check(image_size, "--image-size", 8)
+    if samples_per_shard is not None:
+        _check(samples_per_shard, "--samples-per-shard", 1)
+    digits = load_digits()
+    pixels = np.clip(np.rint(digits.images * (255 / 16)), 0, 255).astype(np.uint8)
+    labels = [int(t) for t in digits.target]
+    parts = stratified_split(labels, val_fraction, test_fraction, seed)
+
+    def samples(indices: list[int]) -> Iterator[dict[str, Any]]:
+        for i in indices:
+            image = Image.fromarray(pixels[i], "L").resize((image_size, image_size), Image.Resampling.BILINEAR)
+            yield {"__key__": f"{i:08d}", "png": _png(image.convert("RGB")), "cls": labels[i]}
+
+    out = _start(out_dir)
+    splits = {split: _write_split(out, "digits", split, samples(parts[split]), len(parts[split]),
+                                  samples_per_shard, progress) for split in SPLITS}
+    return _finish(out, splits, name="digits", classes=[str(d) for d in range(10)], image_size=image_size,
+                   seed=seed, members=["png", "cls"], source="sklearn.datasets.load_digits")
+
+
+def find_images(src: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted as torchvision's ImageFolder sorts them) and ``(path, label)`` pairs.
+
+    Raises ``FileNotFoundError`` naming the directory that is missing, has no class folders,
+    or the class folder that holds no image.
+    """
+    root = os.path.expanduser(os.fspath(src))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--src {root!r} is not a directory")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"--src {root!r} has no class folders (expected one sub-folder per class)")
+    items: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        found = [os.path.join(d, f) for d, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True))
+                 for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+            raise FileNotFoundError(f"class folder {os.path.join(root, name)!r} holds no images "
+                                    f"(extensions: {' '.join(IMAGE_EXTENSIONS)})")
+        items += [(path, label) for path in found]
+    return classes, items
+
+
+def _image_member(path: str, image_size: int | None) -> tuple[str, bytes]:
+    """``(extension, bytes)`` for a sample: the original bytes, or a resized, centre-cropped re-encode.
+
+    Only JPEG, PNG and WebP bytes are kept as they are (the formats the sample pipelines read);
+    other formats are re-encoded as PNG.
+    """
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decode fully: a truncated or corrupt file fails here, not mid-training
+            ext = os.path.splitext(path)[1].lower().lstrip(".")
+            if image_size is None and ext in KEEP_BYTES:
+                return KEEP_BYTES[ext], data
+            image = image.convert("RGB")
+            if image_size is None:  # bmp, ppm, tiff, ...: re-encoded losslessly as PNG for the readers
+                return "png", _png(image)
+            scale = image_size / min(image.size)
+            w, h = max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale))
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+            left, top = (w - image_size) // 2, (h - image_size) // 2
+            image = image.crop((left, top, left + image_size, top + image_size))
+            buffer = io.BytesIO()
+            is_jpeg = path.lower().endswith((".jpg", ".jpeg"))
+            image.save(buffer, format="JPEG" if is_jpeg else "PNG", **({"quality": 95} if is_jpeg else {}))
+            return ("jpg" if is_jpeg else "png"), buffer.getvalue()
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {path!r}: {err}") from err
+
+
+def prepare_images(src: str | os.PathLike, out_dir: str | os.PathLike, val_fraction: float = 0.1,
+                   test_fraction: float = 0.1, seed: int = 0, image_size: int | None = None,
+                   samples_per_shard: int | None = None, name: str | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Turn an ImageFolder-style directory into stratified classification shards; returns the manifest.
+
+    Without ``image_size`` the original JPEG/PNG/WebP bytes are stored under their own extension
+    (``.jpeg`` as ``.jpg``; other formats as PNG); with it, images are resized (shorter side) and
+    centre-cropped. Shard names start with ``name`` (default: the source folder's name).
+    Every image is decoded once here, so an unreadable file is an error naming it.
+    """
+    if image_size is not None:
+        _check(image_size, "--image-size", 8)
+    if samples_per_shard is not None:
+        _check(samples_per_shard, "--samples-per-shard", 1)
+    classes, items = find_images(src)
+    root = os.path.expanduser(os.fspath(src))
+    if os.path.realpath(out_dir) == os.path.realpath(root) or os.path.realpath(out_dir).startswith(
+            os.path.realpath(root) + os.sep):
+        raise ValueError(f"--out {os.fspath(out_dir)!r} lies inside --src {root!r}: it would become a class folder")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or Path(os.path.abspath(root)).name).strip("_.") or "images"
+    parts = stratified_split([label for _, label in items], val_fraction, test_fraction, seed)
+
+    def samples(indices: list[int]) -> Iterator[dict[str, Any]]:
+        for i in indices:
+            path, label = items[i]
+            ext, data = _image_member(path, image_size)
+            yield {"__key__": f"{i:08d}", ext: data, "cls": label,
+                   "json": {"path": os.path.relpath(path, root), "class": classes[label]}}
+
+    out = _start(out_dir)
+    splits = {split: _write_split(out, name, split, samples(parts[split]), len(parts[split]),
+                                  samples_per_shard, progress) for split in SPLITS}
+    return _finish(out, splits, name=name, classes=classes, image_size=image_size, seed=seed,
+                   members=["<image extension>", "cls", "json"], source=os.path.abspath(root),
+                   val_fraction=val_fraction, test_fraction=test_fraction)
+
+
+BUILTIN_DATASETS: dict[str, Callable[..., dict[str, Any]]] = {
+    "data/shards/shapes": prepare_shapes,
+    "data/shards/digits": prepare_digits,
+}
+
+
+def is_prepared(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a complete data set: a manifest whose every split's shards exist."""
+    manifest_path = Path(directory) / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return False
+    try:
+        splits = json.loads(manifest_path.read_text()).get("splits") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(splits) and all(
+        (Path(directory) / shard).is_file()
+        for entry in splits.values() for shard in braceexpand.braceexpand(entry["pattern"]))
+
+
+def builtin_locations(spec: str | Sequence[str]) -> list[str]:
+    """The built-in data set directories (keys of :data:`BUILTIN_DATASETS`) that ``spec`` points into."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    roots = {key: os.path.realpath(key) for key in BUILTIN_DATASETS}
+    found: list[str] = []
+    for part in parts:
+        for piece in str(part).split("::"):
+            piece = os.path.expanduser(piece.strip())
+            for name in (braceexpand.braceexpand(piece) if piece else []):
+                path = os.path.realpath(name)
+                for key, root in roots.items():
+                    if (path == root or path.startswith(root + os.sep)) and key not in found:
+                        found.append(key)
+    return found
+
+
+@contextlib.contextmanager
+def _lock(directory: str) -> Iterator[None]:
+    """An exclusive file lock beside ``directory``, so concurrent processes (DDP ranks) generate once."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    with open(os.path.join(parent, f".{os.path.basename(directory)}.lock"), "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock; run one process first
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_builtin(spec: str | Sequence[str]) -> bool:
+    """Generate a built-in data set (with its defaults) if ``spec`` points into its empty default location.
+
+    ``spec`` is a shard specification as :func:`mm_lightning.data.shards.list_shards` takes it.
+    Returns True when something was generated; False (doing nothing) for other paths or when the
+    data set is already complete. A directory with shards but no manifest (an interrupted run) is
+    regenerated.
+    """
+    generated = False
+    for key in builtin_locations(spec):
+        with _lock(key):
+            if is_prepared(key):
+                continue
+            name = key.rsplit("/", 1)[-1]
+            print(f"mm-lightning: {key}/ has no complete data set yet; generating the built-in '{name}' "
+                  f"data set with its defaults (python -m data.prepare {name})", file=sys.stderr, flush=True)
+            BUILTIN_DATASETS[key](out_dir=key)
+            generated = True
+    return generated
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m data.prepare`` command line."""
+    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, out: str | None) -> None:
+        p.add_argument("--out", required=out is None, default=out, help="output directory (default: %(default)s)")
+        p.add_argument("--seed", type=int, default=0, help="split/generation seed (default: %(default)s)")
+        p.add_argument("--samples-per-shard", type=int, default=None,
+                       help="samples per shard (default: min(1000, ceil(n/4)), so each split has >= 4 shards)")
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    p = sub.add_parser("shapes", help="the procedural shapes world")
+    common(p, "data/shards/shapes")
+    p.add_argument("--train", type=int, default=10000, help="training samples (default: %(default)s)")
+    p.add_argument("--val", type=int, default=1000, help="validation samples (default: %(default)s)")
+    p.add_argument("--test", type=int, default=2000, help="test samples (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=32, help="image side in pixels (default: %(default)s)")
+
+    for cmd in ("digits", "images"):
+        p = sub.add_parser(cmd, help="scikit-learn's handwritten digits" if cmd == "digits"
+                           else "an ImageFolder-style directory (one sub-folder per class)")
+        common(p, "data/shards/digits" if cmd == "digits" else None)
+        p.add_argument("--val-fraction", type=float, default=0.1, help="per-class validation share (default: 0.1)")
+        p.add_argument("--test-fraction", type=float, default=0.1, help="per-class test share (default: 0.1)")
+        if cmd == "digits":
+            p.add_argument("--image-size", type=int, default=32, help="image side in pixels (default: %(default)s)")
+        else:
+            p.add_argument("--src", required=True, help="directory with one sub-folder of images per class")
+            p.add_argument("--image-size", type=int, default=None,
+                           help="resize (shorter side) and centre-crop to this size; default: keep the original bytes")
+            p.add_argument("--name", default=None, help="shard name prefix (default: the --src folder's name)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, write the shards, print where they went; errors exit with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    common = {"out_dir": args.out, "seed": args.seed, "samples_per_shard": args.samples_per_shard,
+              "progress": not args.no_progress}
+    try:
+        if args.command == "shapes":
+            manifest = prepare_shapes(train=args.train, val=args.val, test=args.test, image_size=args.image_size,
+                                      **common)
+        elif args.command == "digits":
+            manifest = prepare_digits(image_size=args.image_size, val_fraction=args.val_fraction,
+                                      test_fraction=args.test_fraction, **common)
+        else:
+            manifest = prepare_images(args.src, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                                      image_size=args.image_size, name=args.name, **common)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
+    for split, entry in manifest["splits"].items():
+        print(f"{split}: {entry['num_samples']} samples in {entry['num_shards']} shards: "
+              f"{os.path.join(args.out, entry['pattern'])}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()
