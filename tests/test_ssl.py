@@ -1,0 +1,264 @@
+"""Self-supervised and metric-learning tasks: two-view pipeline, MoCo's queue and momentum encoder,
+the probe / kNN / collapse callbacks, and the tasks end to end through the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mm_lightning.callbacks.embedding_monitor import EmbeddingMonitor, embedding_std, save_embedding_plot
+from mm_lightning.callbacks.probe import Probe, fit_linear_probe, weighted_knn_predict
+from mm_lightning.data.datamodule import WebDataModule
+from mm_lightning.data.samples import TwoViewPipeline
+from mm_lightning.tasks.base import param_groups
+from mm_lightning.tasks.metric import MetricLearner
+from mm_lightning.tasks.moco import MoCo, cosine_momentum
+from mm_lightning.tasks.simclr import SimCLR
+from tests.conftest import REPO, colour_image, png_bytes
+from tests.test_run import data_flags, run_cli
+
+TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
+NORM = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+def _pipeline(**kwargs) -> TwoViewPipeline:
+    return TwoViewPipeline(image_size=16, crop_scale=(0.5, 1.0), blur=0.0, **NORM, **kwargs)
+
+
+def _moco(**kwargs) -> MoCo:
+    torch.manual_seed(0)
+    args = dict(backbone="vit_tiny_patch16_224", backbone_kwargs=TINY_VIT, proj_hidden_dim=32, proj_dim=16,
+                queue_size=64, lr=1e-3)
+    return MoCo(**{**args, **kwargs})
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    args = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    return L.Trainer(**{**args, **kwargs})
+
+
+# ------------------------------------------------------------------ pipeline
+def test_two_view_pipeline_views_and_label():
+    rng = np.random.default_rng(0)
+    sample = {"png": png_bytes(colour_image(2, rng)), "cls": b"2"}
+    out = _pipeline().decode(sample, training=True)
+    assert set(out) == {"view1", "view2", "label"} and out["label"] == 2
+    assert out["view1"].shape == (3, 16, 16) and out["view1"].dtype == torch.float32
+    assert not torch.equal(out["view1"], out["view2"])  # independently augmented
+    evaluation = _pipeline().decode(sample, training=False)
+    assert set(evaluation) == {"image", "label"}
+    assert set(_pipeline(eval_views=True).decode(sample, training=False)) == {"image", "view1", "view2", "label"}
+    assert set(_pipeline().decode({"png": sample["png"]}, training=True)) == {"view1", "view2"}  # no .cls
+    grey = _pipeline(grayscale=1.0).decode(sample, training=True)["view1"]
+    assert torch.allclose(grey[0], grey[1]) and torch.allclose(grey[1], grey[2])
+    with pytest.raises(ValueError, match="grayscale"):
+        _pipeline(grayscale=1.5)
+
+
+# -------------------------------------------------------------------- MoCo
+def test_moco_queue_enqueues_and_wraps():
+    task = _moco(queue_size=8, proj_dim=4)
+    batches = [torch.full((4, 4), float(i)) for i in (1, 2, 3)]
+    task.enqueue(batches[0])
+    assert int(task.queue_ptr) == 4 and torch.equal(task.queue[:4], batches[0])
+    task.enqueue(batches[1])
+    assert int(task.queue_ptr) == 0 and torch.equal(task.queue[4:], batches[1])
+    task.enqueue(batches[2])  # wraps: the oldest keys (batch 1) are replaced first
+    assert int(task.queue_ptr) == 4
+    assert torch.equal(task.queue[:4], batches[2]) and torch.equal(task.queue[4:], batches[1])
+    with pytest.raises(ValueError, match="model.queue_size=8"):
+        task.enqueue(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"model.queue_size=8 .*data.batch_size=3 x 1 rank\(s\) x 2 views"):
+        task.check_queue_size(3, 1)
+    task.check_queue_size(2, 2)  # 2 x 2 ranks x 2 views = 8 keys a step: fine
+
+
+def test_moco_key_encoder_gets_no_gradient_and_follows_by_momentum():
+    task = _moco()
+    batch = {"view1": torch.randn(8, 3, 16, 16), "view2": torch.randn(8, 3, 16, 16)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a trainer
+        task.training_step(batch, 0)["loss"].backward()
+    key_params = list(task.key_backbone.parameters()) + list(task.key_projector.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in key_params)
+    assert any(p.grad is not None for p in task.backbone.parameters())
+    optimized = {id(p) for group in param_groups(task, 0.05) for p in group["params"]}
+    assert not optimized & {id(p) for p in key_params}  # the optimizer never touches the key encoder
+    # theta_k <- m theta_k + (1 - m) theta_q with the cosine schedule
+    task.total_steps = 10
+    with torch.no_grad():
+        for q, k in task.query_params():
+            q.fill_(1.0)
+            k.fill_(0.0)
+    m0 = task.momentum_update()
+    assert m0 == pytest.approx(0.99)
+    assert all(torch.allclose(k, torch.full_like(k, 0.01)) for _, k in task.query_params())
+    m1 = task.momentum_update()
+    assert m1 == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi * 0.1)) / 2)
+    assert all(torch.allclose(k, torch.full_like(k, m1 * 0.01 + (1 - m1))) for _, k in task.query_params())
+    assert cosine_momentum(10, 10, 0.99) == 1.0 and cosine_momentum(5, 10, 0.9) == pytest.approx(0.95)
+
+
+class _CountSteps(L.Callback):
+    def __init__(self) -> None:
+        self.optimizer_steps = 0
+        self.batches = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.optimizer_steps += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+
+
+def test_moco_momentum_update_once_per_optimizer_step_with_accumulation(colour_shards):
+    task = _moco(queue_size=64)  # 16 samples x 2 views = 32 keys a step
+    keys_before = copy.deepcopy(task.key_backbone.state_dict())
+    counter = _CountSteps()
+    dm = WebDataModule(train=colour_shards["train"], pipeline=_pipeline(), batch_size=16, num_workers=0)
+    trainer = _trainer(limit_train_batches=4, accumulate_grad_batches=2, callbacks=[counter])
+    trainer.fit(task, datamodule=dm)
+    assert counter.batches == 4 and counter.optimizer_steps == 2 == trainer.global_step
+    assert int(task.momentum_updates) == 2  # not 4: one update per optimizer step
+    assert int(task.queue_ptr) == (4 * 32) % 64  # but every batch enqueued its keys
+    moved = [not torch.equal(a, b) for a, b in zip(keys_before.values(), task.key_backbone.state_dict().values())]
+    assert any(moved)
+    # a queue that the global batch does not divide fails before training, naming the flag
+    bad = _moco(queue_size=100)
+    with pytest.raises(ValueError, match="model.queue_size=100"):
+        _trainer(limit_train_batches=1).fit(bad, datamodule=WebDataModule(
+            train=colour_shards["train"], pipeline=_pipeline(), batch_size=16, num_workers=0))
+
+
+# ------------------------------------------------------------------- probes
+def test_weighted_knn_matches_formula():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    queries = torch.tensor([[1.0, 0.2], [0.6, 0.8]])
+    k, t = 3, 0.5
+    expected = []
+    for q in queries:
+        sims = torch.nn.functional.normalize(bank, dim=1) @ (q / q.norm())
+        top = sims.topk(k)
+        scores = [0.0, 0.0]
+        for s, i in zip(top.values.tolist(), top.indices.tolist()):
+            scores[int(labels[i])] += math.exp(s / t)
+        expected.append(int(np.argmax(scores)))
+    assert weighted_knn_predict(bank, labels, queries, 2, k=k, temperature=t).tolist() == expected
+
+
+def test_linear_probe_fits_separable_features():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (300,), generator=g)
+    x = torch.randn(300, 8, generator=g) * 0.3 + torch.nn.functional.one_hot(y, 8).float() * 3
+    probe = fit_linear_probe(x[:200], y[:200], x[200:], y[200:], 3, l2s=[1e-2, 1e-4])
+    assert (probe.predict(x[200:]) == y[200:]).float().mean() == 1.0
+    assert probe.l2 in (1e-2, 1e-4)
+
+
+def test_embedding_std_detects_collapse(tmp_path):
+    assert embedding_std(torch.ones(64, 16) * 3).item() == pytest.approx(0.0, abs=1e-6)
+    spread = embedding_std(torch.randn(4096, 16)).item()
+    assert spread == pytest.approx(1 / math.sqrt(16), rel=0.05)
+    path = save_embedding_plot(np.random.randn(50, 8), np.arange(50) % 3, ["a", "b", "c"], str(tmp_path))
+    assert Path(path).name == "embeddings_pca.png" and Path(path).stat().st_size > 0
+
+
+def test_probe_never_updates_backbone_and_random_init_uses_same_protocol(colour_shards, tmp_path):
+    torch.manual_seed(0)
+    task = SimCLR(backbone="vit_tiny_patch16_224", backbone_kwargs=TINY_VIT, proj_hidden_dim=32, proj_dim=16,
+                  lr=0.0, warmup_steps=0)  # the task itself does not learn
+    before = copy.deepcopy(task.backbone.state_dict())
+    probe, monitor = Probe(probe_l2=[1e-3]), EmbeddingMonitor(every_n_steps=1)
+    dm = WebDataModule(**colour_shards, pipeline=_pipeline(), batch_size=32, num_workers=0)
+    trainer = _trainer(default_root_dir=str(tmp_path), callbacks=[probe, monitor])
+    trainer.fit(task, datamodule=dm)
+    for name, value in task.backbone.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert probe.head is not None and probe.head[1].weight.abs().sum() > 0  # the probe itself trained
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in probe.head.parameters()}
+    metrics = trainer.callback_metrics
+    for name in ("val/linear_probe_acc", "val/knn_acc", "train/embedding_std"):
+        assert name in metrics, name
+    trainer.test(task, datamodule=dm)
+    metrics = trainer.callback_metrics
+    # unchanged weights: the trained and random-init numbers come out of one procedure, so they agree
+    assert metrics["test/linear_probe_acc"] == metrics["test/random_init_probe_acc"]
+    assert metrics["test/knn_acc"] == metrics["test/random_init_knn_acc"]
+    assert metrics["test/knn_acc"] > 0.25  # above chance even at random init
+    assert (tmp_path / "embeddings_pca.png").exists()
+
+
+# ---------------------------------------------------------------- end to end
+def _config(tmp_path: Path, model: dict, pipeline: dict, epochs: int = 2, batch_size: int = 32) -> str:
+    config = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": epochs, "log_every_n_steps": 1,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "callbacks": [{"class_path": "mm_lightning.callbacks.probe.Probe", "init_args": {"probe_l2": [1e-3]}},
+                                  {"class_path": "mm_lightning.callbacks.embedding_monitor.EmbeddingMonitor"}]},
+        "model": model,
+        "data": {"batch_size": batch_size, "num_workers": 0, "pipeline": pipeline},
+        "logger": "csv",
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_simclr_cli_reports_probe_knn_and_random_init_floor(colour_shards, tmp_path):
+    model = {"class_path": "mm_lightning.tasks.simclr.SimCLR",
+             "init_args": {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": TINY_VIT, "proj_hidden_dim": 32,
+                           "proj_dim": 16, "lr": 3e-3}}
+    pipeline = {"class_path": "mm_lightning.data.samples.TwoViewPipeline",
+                "init_args": {"image_size": 16, "crop_scale": [0.5, 1.0], "blur": 0.0, "eval_views": True, **NORM}}
+    run = tmp_path / "run"
+    run_cli("fit", "--config", _config(tmp_path, model, pipeline), *data_flags(colour_shards),
+            f"--trainer.default_root_dir={run}")
+    summary = json.loads((run / "summary.json").read_text())
+    for name in ("test/linear_probe_acc", "test/random_init_probe_acc", "test/knn_acc", "test/random_init_knn_acc",
+                 "val/linear_probe_acc", "val/knn_acc", "val/loss", "test/loss", "train/embedding_std"):
+        assert name in summary, name
+    assert (run / "embeddings_pca.png").exists()
+
+
+@pytest.mark.slow
+def test_triplet_cli_learns_a_metric(colour_shards, tmp_path):
+    model = {"class_path": "mm_lightning.tasks.metric.MetricLearner",
+             "init_args": {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": TINY_VIT, "embed_dim": 16,
+                           "mining": "semi_hard", "lr": 3e-3}}
+    pipeline = {"class_path": "mm_lightning.data.samples.ClassificationPipeline",
+                "init_args": {"image_size": 16, "crop_scale": [1.0, 1.0], "hflip": False, **NORM}}
+    run = tmp_path / "run"
+    run_cli("fit", "--config", _config(tmp_path, model, pipeline, epochs=3), *data_flags(colour_shards),
+            f"--trainer.default_root_dir={run}", "--model.init_args.normalize=true")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test/knn_acc"] >= 0.9, summary  # 4 colours; chance is 0.25
+    assert summary["test/linear_probe_acc"] >= 0.9, summary
+
+
+@pytest.mark.parametrize("name", ["simclr_shapes", "simclr_shapes_resnet", "moco_shapes", "triplet_digits"])
+def test_experiment_configs_build(name, tmp_path, monkeypatch):
+    from experiments.run import RUN_DIR_ENV, MMLightningCLI
+
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))  # the CLI sets it; restored after the test
+
+    cli = MMLightningCLI(args=["--config", str(REPO / "experiments" / "configs" / f"{name}.yaml"),
+                               "--prepare_data=false", "--logger=none", f"--trainer.default_root_dir={tmp_path}"],
+                         run=False)
+    assert callable(getattr(cli.model, "embed", None))
+    assert any(isinstance(c, Probe) for c in cli.trainer.callbacks)
+    if isinstance(cli.model, MoCo):
+        cli.model.check_queue_size(cli.datamodule.batch_size, 1)
+    assert isinstance(cli.model, (SimCLR, MoCo, MetricLearner))
