@@ -123,6 +123,102 @@ class ClassificationPipeline(SamplePipeline):
         return {"image": tf(image), "label": label}
 
 
+def simclr_transforms(
+    image_size: int,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    jitter: float = 0.8,
+    jitter_strength: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
+    grayscale: float = 0.2,
+    blur: float = 0.5,
+    blur_sigma: Sequence[float] = (0.1, 2.0),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """SimCLR's augmentation on uint8 tensors (torchvision v2): random resized crop, horizontal flip,
+    colour jitter (brightness, contrast, saturation, hue) with probability ``jitter``, grayscale with
+    probability ``grayscale``, Gaussian blur (kernel ~10% of the side, odd) with probability ``blur``."""
+    ops: list[Any] = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
+    if hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(p=hflip))
+    if jitter > 0:
+        b, c, s, h = jitter_strength
+        ops.append(v2.RandomApply([v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=jitter))
+    if grayscale > 0:
+        ops.append(v2.RandomGrayscale(p=grayscale))
+    if blur > 0:
+        kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=tuple(blur_sigma))], p=blur))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(ops)
+
+
+class TwoViewPipeline(SamplePipeline):
+    """Two independently augmented views of each image for self-supervised learning (SimCLR, MoCo).
+
+    Training: ``{"view1", "view2"}`` plus ``"label"`` when the sample has the label member (used
+    only by evaluation callbacks such as the online linear probe, never by the loss).
+    Evaluation: ``{"image"}`` (resized, normalised, not augmented) plus ``"label"``, and the two
+    views as well with ``eval_views=True`` (for a validation loss).
+
+    Args:
+        image_size: side of the square views.
+        crop_scale: area range of the random resized crop.
+        hflip: probability of a horizontal flip.
+        jitter: probability of applying colour jitter.
+        jitter_strength: colour jitter's (brightness, contrast, saturation, hue).
+        grayscale: probability of converting to grayscale.
+        blur: probability of a Gaussian blur (kernel ~10% of ``image_size``).
+        blur_sigma: range of the blur's standard deviation.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation standard deviation.
+        label_key: the member holding the integer class label, if the shards have one.
+        eval_views: also produce augmented views at evaluation.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: float = 0.5,
+        jitter: float = 0.8,
+        jitter_strength: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+        grayscale: float = 0.2,
+        blur: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        label_key: str = "cls",
+        eval_views: bool = False,
+    ) -> None:
+        if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
+        for name, p in (("hflip", hflip), ("jitter", jitter), ("grayscale", grayscale), ("blur", blur)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {p}")
+        if len(jitter_strength) != 4:
+            raise ValueError(f"jitter_strength is (brightness, contrast, saturation, hue), got {jitter_strength}")
+        self.image_size = image_size
+        self.label_key = label_key
+        self.eval_views = eval_views
+        self.view_tf = simclr_transforms(
+            image_size, crop_scale, hflip, jitter, jitter_strength, grayscale, blur, blur_sigma, mean, std
+        )
+        self.eval_tf = image_transforms(image_size, False, mean=mean, std=std)
+
+    def decode(self, sample: dict[str, Any], training: bool) -> dict[str, Any]:
+        image = decode_rgb(image_member(sample))
+        out: dict[str, Any] = {}
+        if training or self.eval_views:
+            out["view1"] = self.view_tf(image)
+            out["view2"] = self.view_tf(image)
+        if not training:
+            out["image"] = self.eval_tf(image)
+        if self.label_key in sample:
+            out["label"] = int(sample[self.label_key])
+        return out
+
+
 class ImageTextPipeline(SamplePipeline):
     """Image + caption (img2dataset's layout, as open_clip reads it) -> ``{"image", "input_ids", "attention_mask", "label"}``.
 
