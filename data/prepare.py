@@ -3,6 +3,8 @@
 * ``shapes``: the procedural shapes world (:mod:`mm_lightning.data.synthetic`), every task's default.
 * ``digits``: scikit-learn's handwritten digits (ship with the package; nothing is downloaded).
 * ``images``: an ImageFolder-style directory (one sub-folder per class) of your own images.
+* ``captions``: a ``.jsonl`` or ``.csv`` list of (image path, caption) pairs, written as image-text shards in
+  img2dataset's layout (``.jpg``/``.png`` + ``.txt`` + ``.json``) with a BPE ``tokenizer.json`` for CLIP.
 
 Each writes ``{name}-{split}-000000.tar ...`` into one directory, with ``sizes.json`` (samples per
 shard) and ``manifest.json`` (name, classes, image size, seed, and per split its sample count,
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 from mm_lightning.data import synthetic
 from mm_lightning.data.shards import MANIFEST_FILE, update_sizes, write_manifest, write_shards
+from mm_lightning.data.tokenizer import TOKENIZER_FILE, train_tokenizer_from_shards
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -101,6 +104,8 @@ def prepare_shapes(out_dir: str | os.PathLike = "data/shards/shapes", train: int
                                                                            image_size), n, samples_per_shard, progress)
         for split, n in zip(SPLITS, (train, val, test))
     }
+    if splits["train"] is not None:  # CLIP's tokenizer: a byte-level BPE of the training captions
+        train_tokenizer_from_shards(sorted(out.glob("shapes-train-[0-9]*.tar")), out / TOKENIZER_FILE)
     return _finish(out, splits, name="shapes", classes=list(synthetic.CLASS_NAMES), image_size=image_size,
                    seed=seed, members=["png", "cls", "txt", "json"], generator="mm_lightning.data.synthetic")
 
@@ -267,6 +272,87 @@ def prepare_images(src: str | os.PathLike, out_dir: str | os.PathLike, val_fract
                    val_fraction=val_fraction, test_fraction=test_fraction)
 
 
+CAPTION_IMAGE_KEYS = ("image", "filepath", "image_path", "path", "file")  # open_clip's csv uses filepath/title
+CAPTION_TEXT_KEYS = ("caption", "title", "text")
+
+
+def read_caption_list(src: str | os.PathLike, image_key: str | None = None,
+                      caption_key: str | None = None) -> list[tuple[str, str]]:
+    """``(image path, caption)`` rows of a ``.jsonl`` file or a ``.csv``/``.tsv`` with a header row.
+
+    Columns: ``image_key`` / ``caption_key``, by default the first present of
+    :data:`CAPTION_IMAGE_KEYS` / :data:`CAPTION_TEXT_KEYS`. Relative image paths are relative to ``src``'s folder.
+    """
+    import csv
+
+    path = os.path.expanduser(os.fspath(src))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--src {path!r} is not a file")
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.lower().endswith(".jsonl"):
+            rows = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as err:
+                        raise ValueError(f"--src {path!r} line {n} is not JSON: {err}") from err
+        elif path.lower().endswith((".csv", ".tsv")):
+            rows = list(csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ","))
+        else:
+            raise ValueError(f"--src {path!r}: expected a .jsonl, .csv or .tsv file")
+    if not rows:
+        raise ValueError(f"--src {path!r} holds no rows")
+    keys = set(rows[0]) if isinstance(rows[0], dict) else set()
+    ikey = image_key or next((k for k in CAPTION_IMAGE_KEYS if k in keys), None)
+    ckey = caption_key or next((k for k in CAPTION_TEXT_KEYS if k in keys), None)
+    if ikey not in keys or ckey not in keys:
+        raise ValueError(f"--src {path!r} needs an image column ({image_key or ' or '.join(CAPTION_IMAGE_KEYS)}) and a "
+                         f"caption column ({caption_key or ' or '.join(CAPTION_TEXT_KEYS)}); it has {sorted(keys)}")
+    base = os.path.dirname(os.path.abspath(path))
+    return [(os.path.join(base, os.path.expanduser(str(r[ikey]))), str(r[ckey]).strip()) for r in rows]
+
+
+def prepare_captions(src: str | os.PathLike, out_dir: str | os.PathLike, val_fraction: float = 0.05,
+                     test_fraction: float = 0.05, seed: int = 0, image_size: int | None = None,
+                     samples_per_shard: int | None = None, name: str | None = None, image_key: str | None = None,
+                     caption_key: str | None = None, vocab_size: int = 1000, progress: bool = True) -> dict[str, Any]:
+    """Turn a list of (image path, caption) into image-text shards in img2dataset's layout; returns the manifest.
+
+    Each sample holds the image (original JPEG/PNG/WebP bytes, or resized and centre-cropped with
+    ``image_size``), ``.txt`` (the caption) and ``.json`` (``caption``, ``path``); the rows are split at
+    random into train/val/test. A byte-level BPE ``tokenizer.json`` trained on the training captions is
+    saved beside the shards. Every image is decoded once here, so an unreadable file is an error naming it.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"--val-fraction ({val_fraction}) and --test-fraction ({test_fraction}) must be in [0, 1) "
+                         "and sum to less than 1")
+    if image_size is not None:
+        _check(image_size, "--image-size", 8)
+    items = read_caption_list(src, image_key, caption_key)
+    order = np.random.default_rng(seed).permutation(len(items)).tolist()
+    n_test, n_val = round(len(items) * test_fraction), round(len(items) * val_fraction)
+    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    if not parts["train"]:
+        raise ValueError(f"--src {os.fspath(src)!r}: no rows left for training ({len(items)} in all)")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or Path(os.fspath(src)).stem).strip("_.") or "captions"
+    base = os.path.dirname(os.path.abspath(os.path.expanduser(os.fspath(src))))
+
+    def samples(indices: list[int]) -> Iterator[dict[str, Any]]:
+        for i in indices:
+            path, text = items[i]
+            ext, data = _image_member(path, image_size)
+            meta = {"caption": text, "path": os.path.relpath(path, base), "key": f"{i:09d}"}
+            yield {"__key__": f"{i:09d}", ext: data, "txt": text, "json": meta}
+
+    out = _start(out_dir)
+    splits = {split: _write_split(out, name, split, samples(parts[split]), len(parts[split]), samples_per_shard, progress)
+              for split in SPLITS}
+    train_tokenizer_from_shards(sorted(out.glob(f"{name}-train-[0-9]*.tar")), out / TOKENIZER_FILE, vocab_size)
+    return _finish(out, splits, name=name, image_size=image_size, seed=seed, members=["<image extension>", "txt", "json"],
+                   source=os.path.abspath(os.fspath(src)), tokenizer=TOKENIZER_FILE)
+
+
 BUILTIN_DATASETS: dict[str, Callable[..., dict[str, Any]]] = {
     "data/shards/shapes": prepare_shapes,
     "data/shards/digits": prepare_digits,
@@ -374,6 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--image-size", type=int, default=None,
                            help="resize (shorter side) and centre-crop to this size; default: keep the original bytes")
             p.add_argument("--name", default=None, help="shard name prefix (default: the --src folder's name)")
+    p = sub.add_parser("captions", help="a .jsonl/.csv list of (image path, caption): image-text shards for CLIP")
+    common(p, None)
+    p.add_argument("--src", required=True, help=".jsonl (keys image, caption) or .csv/.tsv (columns image, caption)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="validation share (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=0.05, help="test share (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize (shorter side) and centre-crop to this size; default: keep the original bytes")
+    p.add_argument("--name", default=None, help="shard name prefix (default: the --src file's name)")
+    p.add_argument("--image-key", default=None, help="image column (default: image, filepath, image_path, path or file)")
+    p.add_argument("--caption-key", default=None, help="caption column (default: caption, title or text)")
+    p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary of tokenizer.json (default: %(default)s)")
     return parser
 
 
@@ -390,6 +487,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         elif args.command == "digits":
             manifest = prepare_digits(image_size=args.image_size, val_fraction=args.val_fraction,
                                       test_fraction=args.test_fraction, **common)
+        elif args.command == "captions":
+            manifest = prepare_captions(args.src, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                                        image_size=args.image_size, name=args.name, image_key=args.image_key,
+                                        caption_key=args.caption_key, vocab_size=args.vocab_size, **common)
         else:
             manifest = prepare_images(args.src, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                                       image_size=args.image_size, name=args.name, **common)

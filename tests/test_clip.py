@@ -277,3 +277,38 @@ def test_clip_trains_on_img2dataset_shards_with_two_ddp_ranks(tmp_path):
     one = json.loads((single / "summary.json").read_text())
     for name in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "i2t_median_rank", "t2i_median_rank", "zeroshot_top1", "zeroshot_top5"):
         assert one[f"test/{name}"] == pytest.approx(ddp[f"test/{name}"], abs=1.5 / 90), name
+
+
+def test_prepare_captions_writes_img2dataset_shards_and_a_tokenizer(tmp_path):
+    """``python -m data.prepare captions --src pairs.jsonl`` -> .jpg/.png + .txt + .json shards, tokenizer.json;
+    the image-text pipeline reads them."""
+    from data.prepare import main as prepare
+    from mm_lightning.data.samples import ImageTextPipeline
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i in range(24):
+        name = f"imgs/{i}.{'jpg' if i % 2 else 'png'}"
+        Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)).save(tmp_path / name)
+        rows.append({"image": name, "caption": f"a photo of {list(COLOURS)[i % 4]} noise"})
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "shards"
+    manifest = prepare(["captions", "--src", str(src), "--out", str(out), "--val-fraction", "0.25",
+                        "--test-fraction", "0.25", "--no-progress"])
+    assert {k: v["num_samples"] for k, v in manifest["splits"].items()} == {"train": 12, "val": 6, "test": 6}
+    with tarfile.open(sorted(out.glob("pairs-train-*.tar"))[0]) as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile(next(n for n in names if n.endswith(".json"))).read())
+    assert {n.rsplit(".", 1)[1] for n in names} <= {"jpg", "png", "txt", "json"} and meta["path"].startswith("imgs/")
+    pipeline = ImageTextPipeline(tokenizer=str(out / "tokenizer.json"), context_length=32, image_size=16)
+    import webdataset as wds
+
+    sample = next(iter(wds.WebDataset(str(sorted(out.glob("pairs-val-*.tar"))[0]), shardshuffle=False)))
+    batch = pipeline.collate([pipeline.decode(sample, training=True)])
+    assert batch["image"].shape == (1, 3, 16, 16) and batch["label"].tolist() == [-1]
+    assert pipeline.tokenizer.decode(batch["input_ids"][0]) == sample["txt"].decode()
+    (tmp_path / "bad.csv").write_text("file_name,words\nx.jpg,hello\n")
+    with pytest.raises(SystemExit):
+        prepare(["captions", "--src", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "bad")])
