@@ -171,3 +171,22 @@ def test_shards_without_sizes_json_are_counted(colour_shards):
     with pytest.warns(UserWarning, match="not listed in a sizes.json"):
         loader = dm.val_dataloader()
     assert len(loader) == len(list(loader))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_loader_resumes_mid_epoch_with_the_next_unseen_batch(colour_shards, workers):
+    dm = _dm(train=colour_shards["train"], num_workers=workers, batch_size=16, shuffle_buffer=50)
+    trainer = _attach(dm, epoch=1)
+    dm.setup("fit")
+    full = [b["label"].tolist() for b in dm.train_dataloader()]
+    trainer.fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(
+        current=SimpleNamespace(processed=5))))
+    state = dm.train_dataloader().state_dict()
+    assert state == {"epoch": 1, "batches": 5}
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    assert [b["label"].tolist() for b in resumed] == full[5:]
+    assert [b["label"].tolist() for b in resumed] == full  # the next epoch pass starts whole again
+    stale = dm.train_dataloader()
+    stale.load_state_dict({"epoch": 0, "batches": 5})  # a state from another epoch is ignored
+    assert [b["label"].tolist() for b in stale] == full

@@ -21,7 +21,7 @@ import math
 import random
 import tarfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -102,6 +102,7 @@ class ShardDataset(IterableDataset):
         self.num_workers = num_workers
         self.length = length
         self.epoch = 0
+        self.skip_batches = 0  # batches of this epoch already trained on (a resumed run skips them)
 
     def __len__(self) -> int:
         return self.length
@@ -153,6 +154,10 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = self._worker()
+        if self.worker_batches and self.skip_batches:
+            # The DataLoader asks its workers in turn from worker 0; rotate the roles so that the
+            # first batch served is the first unseen one and the epoch continues in its own order.
+            worker = (worker + self.skip_batches) % num_workers
         rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))
         tracker = _SkipTracker(self.strict)
         # The shuffle buffer drains at the end of each pass, so one epoch sees each sample once
@@ -161,8 +166,14 @@ class ShardDataset(IterableDataset):
             s for order in self._passes(rng, worker, num_workers) for s in self._shuffled(self._samples(order, tracker), rng)
         )
         batch: list[dict[str, Any]] = []
-        emitted = 0
+        # Resuming mid-epoch: the DataLoader hands batches out round-robin, so worker w served
+        # every num_workers-th batch from w on; drop those samples undecoded.
+        emitted = max(0, self.skip_batches - worker + num_workers - 1) // num_workers if self.worker_batches else 0
+        to_drop = emitted * self.batch_size
         for sample in samples:
+            if to_drop:
+                to_drop -= 1
+                continue
             try:
                 batch.append(self.pipeline.decode(sample, self.training))
             except BadSampleError:
@@ -194,12 +205,36 @@ class _EpochAwareLoader(DataLoader):
     the shuffle of the epoch it resumes.
     """
 
-    def __init__(self, dataset: ShardDataset, epoch_fn: Any, **kwargs: Any) -> None:
+    def __init__(self, dataset: ShardDataset, epoch_fn: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn = epoch_fn
 
     def __iter__(self):  # type: ignore[override]
         self.dataset.epoch = self._epoch_fn()
+        return super().__iter__()
+
+
+class _ResumableLoader(_EpochAwareLoader):
+    """The training loader: its ``state_dict`` (saved by Lightning in every checkpoint) records how
+    many batches of which epoch were trained on, so a run resumed mid-epoch continues with the
+    next unseen batch instead of reading the epoch from its start again."""
+
+    def __init__(self, dataset: ShardDataset, epoch_fn: Callable[[], int], progress_fn: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(dataset, epoch_fn, **kwargs)
+        self._progress_fn = progress_fn
+        self._resume: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch_fn(), "batches": self._progress_fn()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+    def __iter__(self):  # type: ignore[override]
+        epoch = self._epoch_fn()
+        resume, self._resume = self._resume, None
+        skip = resume[1] if resume is not None and resume[0] == epoch and resume[1] < len(self.dataset) else 0
+        self.dataset.skip_batches = skip
         return super().__iter__()
 
 
@@ -364,13 +399,16 @@ class WebDataModule(L.LightningDataModule):
             length=length,
         )
         epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0)
-        return _EpochAwareLoader(
-            dataset,
-            epoch_fn,
-            num_workers=workers if self.num_workers else 0,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-        )
+        loader_kwargs = {"num_workers": workers if self.num_workers else 0, "pin_memory": self.pin_memory}
+        if training:
+            return _ResumableLoader(dataset, epoch_fn, self._batches_done, **loader_kwargs)
+        return _EpochAwareLoader(dataset, epoch_fn, **loader_kwargs)
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch that the loop counts as done if it resumes from now."""
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
