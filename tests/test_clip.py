@@ -90,6 +90,18 @@ def test_embed_and_encoders():
     assert text.shape == (3, 16) and torch.allclose(text.norm(dim=-1), torch.ones(3))
 
 
+def test_text_tower_from_a_local_hugging_face_encoder(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=16)).save_pretrained(tmp_path / "bert")
+    task = tiny_task(text_model=str(tmp_path / "bert"))
+    assert task.text_encoder.pooling == "mean"
+    loss = task.contrastive_loss(*task(torch.randn(4, 3, 16, 16), torch.randint(1, 60, (4, 8)), torch.ones(4, 8, dtype=torch.long)))
+    loss.backward()
+    assert task.text_encoder.model.embeddings.word_embeddings.weight.grad is not None
+
+
 def test_setup_checks_the_tokenizer_against_the_text_tower():
     task = tiny_task()
     tokenizer = SimpleNamespace(vocab_size=400, context_length=8, path="tok.json")

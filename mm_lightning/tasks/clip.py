@@ -116,7 +116,8 @@ class CLIPTask(Task):
         text_heads: attention heads of the text tower.
         text_mlp_ratio: MLP hidden size of the text tower as a multiple of ``text_width``.
         text_causal: causal attention (CLIP) instead of bidirectional attention.
-        text_pooling: ``eot`` (end-of-text token, CLIP), ``first`` or ``mean``.
+        text_pooling: ``eot`` (end-of-text token), ``first`` or ``mean``; by default ``eot`` for the text
+            transformer (CLIP) and ``mean`` for a Hugging Face ``text_model``.
         text_model: a local Hugging Face encoder directory to use as the text tower instead of the
             text transformer (its own tokenizer directory then goes into the pipeline's ``tokenizer``).
         loss: ``clip`` (symmetric InfoNCE) or ``siglip`` (pairwise sigmoid).
@@ -150,7 +151,7 @@ class CLIPTask(Task):
         text_heads: int = 4,
         text_mlp_ratio: float = 4.0,
         text_causal: bool = True,
-        text_pooling: Pooling = "eot",
+        text_pooling: Pooling | None = None,
         text_model: str | None = None,
         loss: Literal["clip", "siglip"] = "clip",
         local_loss: bool = False,
@@ -171,7 +172,7 @@ class CLIPTask(Task):
         self.image_projection = nn.Linear(self.image_encoder.num_features, embed_dim, bias=False)
         nn.init.normal_(self.image_projection.weight, std=self.image_encoder.num_features**-0.5)
         if text_model:
-            self.text_encoder: nn.Module = HFTextEncoder(text_model, embed_dim, pooling=text_pooling)
+            self.text_encoder: nn.Module = HFTextEncoder(text_model, embed_dim, pooling=text_pooling or "mean")
         else:
             self.text_encoder = TextTransformer(
                 vocab_size=vocab_size,
@@ -182,7 +183,7 @@ class CLIPTask(Task):
                 heads=text_heads,
                 mlp_ratio=text_mlp_ratio,
                 causal=text_causal,
-                pooling=text_pooling,
+                pooling=text_pooling or "eot",
             )
         if init_logit_scale is None:
             init_logit_scale = math.log(1 / 0.07) if loss == "clip" else math.log(10.0)
