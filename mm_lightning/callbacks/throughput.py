@@ -53,10 +53,31 @@ def tokens_of(batch: Any) -> torch.Tensor | None:
     return total
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart the peak-memory counter: CUDA's allocator peak, or on Linux the process's peak resident size
+    (``/proc/self/clear_refs``), so the peak measures training rather than imports and set-up."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocator peak on GPUs, peak resident set size on CPUs."""
+    """Peak memory of this process since :func:`reset_peak_memory`: the CUDA allocator's peak on GPUs, the peak
+    resident set size (``VmHWM``; ``ru_maxrss`` where /proc is missing) on CPUs."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
@@ -68,7 +89,7 @@ class ThroughputMonitor(L.Callback):
 
     - ``perf/samples_per_s`` and, for batches with an ``attention_mask``, ``perf/tokens_per_s``;
     - ``perf/step_time``: seconds per optimizer step;
-    - ``perf/max_memory_gb``: peak device memory (GPU) or resident memory (CPU) of rank 0;
+    - ``perf/max_memory_gb``: peak device memory (GPU) or resident memory (CPU) of rank 0 since training started;
     - ``perf/mfu``: model FLOPs utilisation, on GPUs whose peak FLOPs Lightning knows
       (``lightning.fabric.utilities.throughput.get_available_flops``) for the trainer's precision.
 
@@ -135,6 +156,9 @@ class ThroughputMonitor(L.Callback):
             self.flops_per_batch = float(given)
 
     # -------------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        reset_peak_memory(trainer.strategy.root_device)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = None
         self._epoch_samples = 0
