@@ -14,6 +14,7 @@ import glob
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +43,9 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         path = os.path.join(trainer.default_root_dir, self.config_filename)
-        self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
+        with warnings.catch_warnings():  # skip_none=False keeps explicit nulls; its rename is not out yet
+            warnings.simplefilter("ignore")
+            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
 
 
 @contextmanager

@@ -33,6 +33,8 @@ from mm_lightning.data.samples import ClassificationPipeline, SamplePipeline
 from mm_lightning.data.shards import ShardSpec, ShardSpecError, list_shards, read_manifest, read_sizes
 
 SPLITS = ("train", "val", "test", "predict")
+# Our IterableDataset's __len__ is exact across workers (see ShardDataset); Lightning's generic caution does not apply.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 class BadSampleError(RuntimeError):
