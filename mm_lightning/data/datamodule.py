@@ -329,8 +329,15 @@ class WebDataModule(L.LightningDataModule):
         return list(names) if names else None
 
     def _rank_world(self) -> tuple[int, int]:
+        """This process's data-parallel rank and size: ranks of one tensor-parallel group read the same data."""
         trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None:
+            return 0, 1
+        try:
+            split = trainer.strategy.distributed_sampler_kwargs or {}
+        except (AttributeError, RuntimeError, AssertionError):  # no strategy yet, or not distributed
+            split = {}
+        return split.get("rank", trainer.global_rank), split.get("num_replicas", trainer.world_size)
 
     def _sizes(self, shards: list[str]) -> list[int]:
         sizes = read_sizes(shards)
