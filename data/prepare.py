@@ -407,6 +407,18 @@ def _lock(directory: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def ensure_tokenizer(directory: str | os.PathLike) -> bool:
+    """Train ``tokenizer.json`` from the training captions of a complete data set that has captions but no tokenizer."""
+    path = Path(directory) / TOKENIZER_FILE
+    manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    train = (manifest.get("splits") or {}).get("train")
+    if path.is_file() or "txt" not in (manifest.get("members") or []) or not train:
+        return False
+    shards = [str(Path(directory) / name) for name in braceexpand.braceexpand(train["pattern"])]
+    train_tokenizer_from_shards(shards, path)
+    return True
+
+
 def ensure_builtin(spec: str | Sequence[str]) -> bool:
     """Generate a built-in data set (with its defaults) if ``spec`` points into its empty default location.
 
@@ -419,6 +431,7 @@ def ensure_builtin(spec: str | Sequence[str]) -> bool:
     for key in builtin_locations(spec):
         with _lock(key):
             if is_prepared(key):
+                ensure_tokenizer(key)  # shards written before tokenizer.json existed
                 continue
             name = key.rsplit("/", 1)[-1]
             print(f"mm-lightning: {key}/ has no complete data set yet; generating the built-in '{name}' "

@@ -324,3 +324,16 @@ def test_prepare_captions_writes_img2dataset_shards_and_a_tokenizer(tmp_path):
     (tmp_path / "bad.csv").write_text("file_name,words\nx.jpg,hello\n")
     with pytest.raises(SystemExit):
         prepare(["captions", "--src", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "bad")])
+
+
+def test_shapes_preparation_writes_the_caption_tokenizer(tmp_path):
+    """``data.prepare shapes`` saves tokenizer.json beside the shards; shards from before it get one on first use."""
+    from data.prepare import ensure_tokenizer, prepare_shapes
+    from mm_lightning.data.tokenizer import TextTokenizer
+
+    out = tmp_path / "shapes"
+    prepare_shapes(out, train=24, val=6, test=6, progress=False)
+    tokenizer = TextTokenizer(out / "tokenizer.json")
+    assert tokenizer.decode(tokenizer(["a photo of a red circle"])["input_ids"][0]) == "a photo of a red circle"
+    (out / "tokenizer.json").unlink()
+    assert ensure_tokenizer(out) and (out / "tokenizer.json").is_file() and not ensure_tokenizer(out)
