@@ -225,7 +225,8 @@ class ImageTextPipeline(SamplePipeline):
     A sample holds an image under any extension of ``IMAGE_EXTENSIONS``, its caption as ``.txt``
     and optionally ``.json`` metadata; without a ``.txt`` the caption is the ``.json``'s
     ``caption`` field. ``label`` is the ``.cls`` member when the shards have one (zero-shot
-    evaluation reads it), else -1. Captions are tokenized per batch in ``collate``.
+    evaluation and probes read it; -1 for a sample without one in a batch with labels; absent
+    when no sample of the batch has one). Captions are tokenized per batch in ``collate``.
 
     Args:
         tokenizer: a ``tokenizer.json`` (``python -m data.prepare`` writes one next to the shards) or a
@@ -294,9 +295,10 @@ class ImageTextPipeline(SamplePipeline):
         return self.tokenizer(texts)
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = {
-            "image": torch.stack([s["image"] for s in samples]),
-            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        }
+        """Stack the images, tokenize the captions; ``label`` only when a sample of the batch has one."""
+        batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
+        labels = [s["label"] for s in samples]
+        if any(label >= 0 for label in labels):
+            batch["label"] = torch.tensor(labels, dtype=torch.long)
         batch.update(self.tokenize([s["text"] for s in samples]))
         return batch
