@@ -20,7 +20,7 @@ from mm_lightning.callbacks.probe import Probe, fit_linear_probe, weighted_knn_p
 from mm_lightning.data.datamodule import WebDataModule
 from mm_lightning.data.samples import TwoViewPipeline
 from mm_lightning.tasks.base import param_groups
-from mm_lightning.tasks.metric import MetricLearner
+from mm_lightning.tasks.metric import MetricLearner, recall_at_1
 from mm_lightning.tasks.moco import MoCo, cosine_momentum
 from mm_lightning.tasks.simclr import SimCLR
 from tests.conftest import REPO, colour_image, png_bytes
@@ -166,6 +166,13 @@ def test_linear_probe_fits_separable_features():
     assert probe.l2 in (1e-2, 1e-4)
 
 
+def test_recall_at_1_is_leave_one_out_nearest_neighbour():
+    e = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0], [0.05, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    # nearest other items: 0->4, 1->4, 2->3, 3->2, 4->0 (itself excluded): 2 of 5 share the label
+    assert recall_at_1(e, labels).item() == pytest.approx(0.4)
+
+
 def test_embedding_std_detects_collapse(tmp_path):
     assert embedding_std(torch.ones(64, 16) * 3).item() == pytest.approx(0.0, abs=1e-6)
     spread = embedding_std(torch.randn(4096, 16)).item()
@@ -246,6 +253,7 @@ def test_triplet_cli_learns_a_metric(colour_shards, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test/knn_acc"] >= 0.9, summary  # 4 colours; chance is 0.25
     assert summary["test/linear_probe_acc"] >= 0.9, summary
+    assert summary["test/recall_at_1"] >= 0.9, summary
 
 
 @pytest.mark.parametrize("name", ["simclr_shapes", "simclr_shapes_resnet", "moco_shapes", "triplet_digits"])

@@ -18,12 +18,12 @@ During ``fit`` (cheap, online, as solo-learn does):
 At ``test`` (the numbers to report), a fixed protocol on clean features (eval mode, no
 augmentation) of whole splits, read with the data module's own pipeline:
 
-* ``test/linear_probe_acc``: a fresh multinomial logistic regression on standardised features
-  (:func:`fit_linear_probe`, full-batch L-BFGS) fit on the training split; its L2 strength is
-  chosen from ``probe_l2`` by accuracy on the validation split (or on a fixed 20% hold-out of the
-  training split when there is none); accuracy on the test split. The online probe is *not* used for
-  the test number: its result depends on the training trajectory, while this one depends on the
-  final weights alone, so it can be applied identically to any weights.
+* ``test/linear_probe_acc``: a fresh multinomial logistic regression on PCA-whitened features
+  (:class:`LogisticProbe`, full-batch L-BFGS to convergence) fit on the training split; its L2
+  strength is chosen from ``probe_l2`` by accuracy on the validation split (or on a fixed 20%
+  hold-out of the training split when there is none); accuracy on the test split. The online
+  probe is *not* used for the test number: its result depends on the training trajectory, while
+  this one depends on the final weights alone, so it applies identically to any weights.
 * ``test/knn_acc``: the weighted kNN with the whole training split as bank, on the test split.
 * ``test/random_init_probe_acc`` and ``test/random_init_knn_acc`` (``random_init=True``): the
   same two procedures, on the same splits, for the same model at its random initialisation,
@@ -46,6 +46,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mm_lightning.distributed import all_gather_no_grad, is_distributed
+
+
+class MissingLabelsError(KeyError):
+    """The data the probe reads carries no labels."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "no labels"
 
 
 @torch.no_grad()
@@ -85,17 +92,22 @@ def weighted_knn_predict(
 
 
 class LogisticProbe:
-    """Multinomial logistic regression on standardised features (the test-time linear probe).
+    """Multinomial logistic regression on whitened features (the test-time linear probe).
 
-    Minimises ``mean_i CE(W (x_i - mu) / sigma + b, y_i) + l2 / 2 * ||W||^2`` by full-batch
-    L-BFGS, with ``mu``, ``sigma`` the training features' mean and standard deviation.
+    ``x`` is centred and PCA-whitened with the training features' mean ``mu`` and covariance
+    ``C = U diag(s) U^T``: ``w(x) = (x - mu) U diag(max(s, 1e-6 max(s)))^(-1/2)``. Then
+    ``mean_i CE(W w(x_i) + b, y_i) + l2 / 2 * ||W||^2`` is minimised by full-batch L-BFGS.
+    Whitening changes nothing about the linear function class, but makes the problem well
+    conditioned: L-BFGS reaches the optimum in ~100 evaluations on features that are strongly
+    correlated (as a random network's are), where on merely standardised features it stops far
+    from it after hundreds of iterations and understates what a linear read-out can do.
     """
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, l2: float):
-        self.mean, self.std, self.weight, self.bias, self.l2 = mean, std, weight, bias, l2
+    def __init__(self, mean: torch.Tensor, project: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, l2: float):
+        self.mean, self.project, self.weight, self.bias, self.l2 = mean, project, weight, bias, l2
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x.float() - self.mean) / self.std) @ self.weight + self.bias
+        return ((x.float() - self.mean) @ self.project) @ self.weight + self.bias
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x).argmax(1)
@@ -107,8 +119,8 @@ def fit_linear_probe(
     select_x: torch.Tensor,
     select_y: torch.Tensor,
     num_classes: int,
-    l2s: Iterable[float] = (1e-2, 1e-3, 1e-4, 1e-5),
-    max_iter: int = 300,
+    l2s: Iterable[float] = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6),
+    max_iter: int = 500,
 ) -> LogisticProbe:
     """Fit :class:`LogisticProbe` for each L2 strength in ``l2s`` (warm-started from the previous one) and keep
     the one most accurate on the selection set (``select_x``, ``select_y``)."""
@@ -119,32 +131,35 @@ def fit_linear_probe(
 
 
 def _fit_linear_probe(train_x, train_y, select_x, select_y, num_classes, l2s, max_iter) -> LogisticProbe:
+    if not l2s:
+        raise ValueError("probe_l2 is empty: give at least one L2 strength")
     x = train_x.float()
     y = train_y.long()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    xs = (x - mean) / std
+    mean = x.mean(0)
+    eigval, eigvec = torch.linalg.eigh(torch.cov((x - mean).T.double()).reshape(x.shape[1], x.shape[1]))
+    eigval = eigval.clamp_min(1e-6 * float(eigval.max().clamp_min(1e-12)))
+    project = (eigvec / eigval.sqrt()).float()
+    xw = (x - mean) @ project
     weight = torch.zeros(x.shape[1], num_classes, requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
     best, best_acc = None, -1.0
     for l2 in sorted(l2s, reverse=True):  # strong to weak regularisation: each warm-starts the next
         opt = torch.optim.LBFGS(
             [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-            tolerance_grad=1e-6, tolerance_change=1e-9,
+            tolerance_grad=1e-7, tolerance_change=1e-12,
         )
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            loss = F.cross_entropy(xs @ weight + bias, y) + 0.5 * l2 * weight.pow(2).sum()
+            loss = F.cross_entropy(xw @ weight + bias, y) + 0.5 * l2 * weight.pow(2).sum()
             loss.backward()
             return loss
 
         opt.step(closure)
-        probe = LogisticProbe(mean, std, weight.detach().clone(), bias.detach().clone(), l2)
+        probe = LogisticProbe(mean, project, weight.detach().clone(), bias.detach().clone(), l2)
         acc = float((probe.predict(select_x) == select_y.long()).float().mean()) if len(select_y) else 0.0
         if acc > best_acc:
             best, best_acc = probe, acc
-    if best is None:
-        raise ValueError("probe_l2 is empty: give at least one L2 strength")
     return best
 
 
@@ -197,7 +212,7 @@ class Probe(L.Callback):
         knn_bank_size: int = 16384,
         probe_lr: float = 1e-3,
         probe_weight_decay: float = 0.0,
-        probe_l2: list[float] = [1e-2, 1e-3, 1e-4, 1e-5],  # noqa: B006 (jsonargparse shows the default)
+        probe_l2: list[float] = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6],  # noqa: B006 (jsonargparse shows the default)
         random_init: bool = True,
         max_train_samples: int | None = None,
     ) -> None:
@@ -339,7 +354,11 @@ class Probe(L.Callback):
         if specs is None or specs.get("train") is None or specs.get("test") is None:
             warnings.warn("Probe: the test-time probe needs a WebDataModule with data.train and data.test; skipped")
             return
-        results = self.evaluate(pl_module, dm, "")
+        try:
+            results = self.evaluate(pl_module, dm, "")
+        except MissingLabelsError as e:
+            warnings.warn(f"{e}; the test-time probe and kNN are skipped")
+            return
         if self.random_init and self.initial_state is not None:
             trained = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             pl_module.load_state_dict(self.initial_state)
@@ -365,7 +384,7 @@ class Probe(L.Callback):
         feats, labels, seen = [], [], 0
         for batch in reader.test_dataloader():
             if "label" not in batch:
-                raise KeyError(f"Probe: data.{split} samples have no label (.cls), which the probe needs")
+                raise MissingLabelsError(f"Probe: data.{split} batches have no 'label' (shards without .cls?)")
             feats.append(self._embed_eval(pl_module, batch["image"]).cpu())
             labels.append(batch["label"].cpu())
             seen += len(batch["label"])
