@@ -107,7 +107,8 @@ def prepare_shapes(out_dir: str | os.PathLike = "data/shards/shapes", train: int
     if splits["train"] is not None:  # CLIP's tokenizer: a byte-level BPE of the training captions
         train_tokenizer_from_shards(sorted(out.glob("shapes-train-[0-9]*.tar")), out / TOKENIZER_FILE)
     return _finish(out, splits, name="shapes", classes=list(synthetic.CLASS_NAMES), image_size=image_size,
-                   seed=seed, members=["png", "cls", "txt", "json"], generator="mm_lightning.data.synthetic")
+                   seed=seed, members=["png", "cls", "txt", "json"], generator="mm_lightning.data.synthetic",
+                   generator_version=synthetic.VERSION)
 
 
 def _allocate(sizes: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -419,6 +420,12 @@ def ensure_tokenizer(directory: str | os.PathLike) -> bool:
     return True
 
 
+def _stale(directory: str) -> bool:
+    """Whether built-in shapes shards were written by an older version of the shapes generator."""
+    manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    return manifest.get("generator") == "mm_lightning.data.synthetic" and manifest.get("generator_version") != synthetic.VERSION
+
+
 def ensure_builtin(spec: str | Sequence[str]) -> bool:
     """Generate a built-in data set (with its defaults) if ``spec`` points into its empty default location.
 
@@ -430,7 +437,7 @@ def ensure_builtin(spec: str | Sequence[str]) -> bool:
     generated = False
     for key in builtin_locations(spec):
         with _lock(key):
-            if is_prepared(key):
+            if is_prepared(key) and not _stale(key):
                 ensure_tokenizer(key)  # shards written before tokenizer.json existed
                 continue
             name = key.rsplit("/", 1)[-1]

@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+#: Bumped whenever the samples drawn from a seed change (``data.prepare`` regenerates stale built-in shards).
+VERSION = 2
+
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond", "ring")
 PLURALS: dict[str, str] = {
     "circle": "circles", "square": "squares", "triangle": "triangles",
@@ -286,7 +289,7 @@ def make_sample(index: int, seed: int, image_size: int = 32) -> dict[str, Any]:
         "png": encode_png(image),
         "cls": scene["label"],
         "txt": caption(scene, rng),
-        "json": {"scene": scene, "conversations": conversation(scene, rng),
+        "json": {"scene": scene, "captions": all_captions(scene), "conversations": conversation(scene, rng),
                  "preference": preference_pair(scene, rng)},
     }
 
