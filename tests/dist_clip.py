@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from mm_lightning.callbacks.retrieval import gather_rows, retrieval_metrics
+from mm_lightning.callbacks.retrieval import RetrievalEvaluation, gather_rows, retrieval_metrics
 from mm_lightning.tasks.clip import CLIPTask
 
 BATCH = 8
@@ -116,6 +116,17 @@ def check_uneven_retrieval(rank: int, world: int) -> None:
     assert retrieval_metrics(*gathered, ks=(1, 2)) == whole
     empty = gather_rows(ids if rank == 0 else torch.zeros(0, 0, dtype=torch.long))
     assert torch.equal(empty, ids)
+    # several captions per image: rank 0 holds images 0-2 and captions 0-4, rank 1 image 3-4 and captions 5-7
+    owner = torch.tensor([0, 0, 1, 2, 2, 3, 4, 4])
+    whole = retrieval_metrics(images[:5], texts, ids, ks=(1, 2), owner=owner)
+    callback = RetrievalEvaluation()
+    mine = slice(0, 3) if rank == 0 else slice(3, 5)
+    caps = slice(0, 5) if rank == 0 else slice(5, 8)
+    callback.image_features, callback.text_features = [images[:5][mine]], [texts[caps]]
+    callback.input_ids, callback.owner, callback.num_images = [ids[caps]], [owner[caps] - mine.start], 3 if rank == 0 else 2
+    g_images, g_texts, g_ids, g_owner = callback.gathered(torch.device("cpu"))
+    assert torch.equal(g_owner, owner) and torch.equal(g_images, images[:5])
+    assert retrieval_metrics(g_images, g_texts, g_ids, ks=(1, 2), owner=g_owner) == whole
 
 
 def worker(rank: int, world: int, port: int) -> None:

@@ -155,6 +155,53 @@ def test_retrieval_counts_identical_captions_as_the_same_caption():
     assert retrieval_metrics(images, texts, distinct, ks=(1,))["i2t_R@1"] == 0.25
 
 
+def test_retrieval_with_several_reference_captions_per_image():
+    """COCO-style: image i owns several captions; i2t is right if the top distinct caption is any of them,
+    every caption row is a t2i query answered by any image owning that string."""
+    # captions (token rows): A=[1,5] B=[1,6] C=[1,7] D=[1,8]; image 0 owns A, B; image 1 owns B, C; image 2 owns D
+    ids = torch.tensor([[1, 5], [1, 6], [1, 6], [1, 7], [1, 8]])
+    owner = torch.tensor([0, 0, 1, 1, 2])
+    texts = F.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 1.0]]), dim=-1)
+    images = F.normalize(torch.tensor([[0.1, 1.0, 0.0],    # top caption B: owned -> rank 1
+                                       [1.0, 0.0, 0.2],    # A first (not owned), then D, C, B ... best owned is C
+                                       [1.0, 0.9, 0.8]]), dim=-1)  # D first -> rank 1
+    metrics = retrieval_metrics(images, texts, ids, ks=(1, 2), owner=owner)
+    # image 1 scores A 0.98 > D 0.68 > C 0.20 > B 0: its best own caption (C) ranks 3rd among the 4 distinct captions
+    assert metrics["i2t_R@1"] == pytest.approx(2 / 3) and metrics["i2t_R@2"] == pytest.approx(2 / 3)
+    assert metrics["i2t_median_rank"] == 1.0
+    # t2i: A -> image 1 or 2 score above image 0 (rank 3); B (twice) -> image 0 first (rank 1); C -> image 2 beats
+    # image 1 (rank 2); D -> image 2 (rank 1)
+    assert metrics["t2i_R@1"] == pytest.approx(3 / 5) and metrics["t2i_R@2"] == pytest.approx(4 / 5)
+    # one caption per image and no owner: the paired protocol
+    assert retrieval_metrics(images, texts[[1, 3, 4]], ids[[1, 3, 4]], ks=(1,))["i2t_R@1"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="pass owner"):
+        retrieval_metrics(images, texts, ids)
+
+
+def test_image_text_pipeline_carries_every_reference_caption_at_evaluation(tmp_path):
+    """Shapes samples list all their captions in .json: evaluation batches carry them with their owners."""
+    import webdataset as wds
+
+    from data.prepare import prepare_shapes
+    from mm_lightning.data import synthetic
+    from mm_lightning.data.samples import ImageTextPipeline
+
+    out = tmp_path / "shapes"
+    prepare_shapes(out, train=24, val=6, test=6, progress=False)
+    pipeline = ImageTextPipeline(str(out / "tokenizer.json"), context_length=32, image_size=32)
+    samples = list(wds.WebDataset([str(f) for f in sorted(out.glob("shapes-val-*.tar"))], shardshuffle=False))[:2]
+    batch = pipeline.collate([pipeline.decode(s, training=False) for s in samples])
+    n = len(synthetic.CAPTION_TEMPLATES)
+    assert batch["caption_input_ids"].shape == (2 * n, 32) and batch["caption_owner"].tolist() == [0] * n + [1] * n
+    scene = json.loads(samples[1]["json"])["scene"]
+    decoded = [pipeline.tokenizer.decode(row) for row in batch["caption_input_ids"][n:]]
+    assert decoded == synthetic.all_captions(scene) and samples[1]["txt"].decode() in decoded
+    train = pipeline.collate([pipeline.decode(s, training=True) for s in samples])
+    assert "caption_input_ids" not in train  # training reads the sample's one caption
+    without = ImageTextPipeline(str(out / "tokenizer.json"), context_length=32, image_size=32, captions_field=None)
+    assert "caption_owner" not in without.collate([without.decode(s, training=False) for s in samples])
+
+
 def test_zeroshot_classifier_averages_normalised_prompt_embeddings():
     assert fill_template("a photo of a {}", "apple") == "a photo of an apple"
 

@@ -228,6 +228,13 @@ class ImageTextPipeline(SamplePipeline):
     evaluation and probes read it; -1 for a sample without one in a batch with labels; absent
     when no sample of the batch has one). Captions are tokenized per batch in ``collate``.
 
+    Evaluation batches also carry every reference caption of their images when the ``.json`` lists
+    them under ``captions_field`` (as COCO and Flickr30k give 5 per image, and the shapes world
+    gives its scene in every template): ``caption_input_ids`` / ``caption_attention_mask`` (all
+    captions of the batch, flattened) and ``caption_owner`` (the batch index of each caption's
+    image). Retrieval (:class:`~mm_lightning.callbacks.retrieval.RetrievalEvaluation`) then ranks
+    against all of them, counting a retrieved caption correct if it is any of the image's captions.
+
     Args:
         tokenizer: a ``tokenizer.json`` (``python -m data.prepare`` writes one next to the shards) or a
             local Hugging Face tokenizer directory.
@@ -239,6 +246,8 @@ class ImageTextPipeline(SamplePipeline):
         std: per-channel normalisation standard deviation.
         caption_key: the member holding the caption.
         label_key: the member holding an integer class label, if any.
+        captions_field: the ``.json`` field listing all reference captions of an image (evaluation
+            only); ``None`` evaluates against the one caption of each sample.
     """
 
     def __init__(
@@ -252,6 +261,7 @@ class ImageTextPipeline(SamplePipeline):
         std: tuple[float, float, float] = IMAGENET_STD,
         caption_key: str = "txt",
         label_key: str | None = "cls",
+        captions_field: str | None = "captions",
     ) -> None:
         from mm_lightning.data.tokenizer import TextTokenizer
 
@@ -262,19 +272,28 @@ class ImageTextPipeline(SamplePipeline):
         self.image_size = image_size
         self.caption_key = caption_key
         self.label_key = label_key
+        self.captions_field = captions_field
         self.train_tf = image_transforms(image_size, True, crop_scale, hflip, mean, std)
         self.eval_tf = image_transforms(image_size, False, crop_scale, hflip, mean, std)
+
+    @staticmethod
+    def metadata(sample: dict[str, Any]) -> dict[str, Any]:
+        """The sample's ``.json`` member as a dict (empty without one)."""
+        import json
+
+        meta = sample.get("json", {})
+        meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
+        if not isinstance(meta, dict):
+            raise ValueError(f".json is a {type(meta).__name__}, not an object")
+        return meta
 
     def caption(self, sample: dict[str, Any]) -> str:
         """The caption of a raw sample: its ``.txt`` (``caption_key``) member, else ``.json``'s ``caption``."""
         if self.caption_key in sample:
             text = sample[self.caption_key]
         elif "json" in sample:
-            import json
-
-            meta = sample["json"]
-            meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
-            if not isinstance(meta, dict) or not isinstance(meta.get("caption"), str):
+            meta = self.metadata(sample)
+            if not isinstance(meta.get("caption"), str):
                 raise MissingMemberError(f"no .{self.caption_key} member and no 'caption' in .json; has {member_names(sample)}")
             text = meta["caption"]
         else:
@@ -288,7 +307,14 @@ class ImageTextPipeline(SamplePipeline):
         image = decode_rgb(image_member(sample))
         label = int(sample[self.label_key]) if self.label_key and self.label_key in sample else -1
         tf = self.train_tf if training else self.eval_tf
-        return {"image": tf(image), "text": self.caption(sample), "label": label}
+        out = {"image": tf(image), "text": self.caption(sample), "label": label}
+        if not training and self.captions_field and "json" in sample:
+            captions = self.metadata(sample).get(self.captions_field)
+            if captions is not None:
+                if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+                    raise ValueError(f".json '{self.captions_field}' must be a non-empty list of non-empty strings")
+                out["captions"] = [c.strip() for c in captions]
+        return out
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``input_ids`` / ``attention_mask`` of ``texts`` as batches carry them (also for zero-shot prompts)."""
@@ -301,4 +327,11 @@ class ImageTextPipeline(SamplePipeline):
         if any(label >= 0 for label in labels):
             batch["label"] = torch.tensor(labels, dtype=torch.long)
         batch.update(self.tokenize([s["text"] for s in samples]))
+        if samples and all("captions" in s for s in samples):  # evaluation with every reference caption
+            flat = [c for s in samples for c in s["captions"]]
+            tokens = self.tokenize(flat)
+            batch["caption_input_ids"] = tokens["input_ids"]
+            if "attention_mask" in tokens:
+                batch["caption_attention_mask"] = tokens["attention_mask"]
+            batch["caption_owner"] = torch.tensor([i for i, s in enumerate(samples) for _ in s["captions"]])
         return batch
