@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mm_lightning.losses.contrastive import _reduce
+
 MINING = ("batch_all", "batch_hard", "semi_hard")
 
 
@@ -56,14 +58,7 @@ def triplet_loss(
     else:
         d_ap = F.pairwise_distance(anchor, positive, p=2.0, eps=1e-6)
         d_an = F.pairwise_distance(anchor, negative, p=2.0, eps=1e-6)
-    loss = F.relu(d_ap - d_an + margin)
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "none":
-        return loss
-    raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
+    return _reduce(F.relu(d_ap - d_an + margin), reduction)
 
 
 def distance_matrix(x: torch.Tensor, squared: bool = True) -> torch.Tensor:
