@@ -180,7 +180,8 @@ class MMLightningCLI(LightningCLI):
 
         online = os.environ.get("WANDB_MODE", "offline") == "online"
         return WandbLogger(
-            save_dir=root, project=cfg.wandb_project, name=cfg.run_name, group=cfg.run_name, offline=not online
+            save_dir=os.path.abspath(root),  # absolute: W&B resolves its git root (commit, diff) from it
+            project=cfg.wandb_project, name=cfg.run_name, group=cfg.run_name, offline=not online,
         )
 
     # -------------------------------------------------------------- after runs
