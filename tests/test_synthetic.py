@@ -56,7 +56,8 @@ def test_sample_members(samples: list[dict]) -> None:
     for s in samples[:20]:
         assert set(s) == {"__key__", "png", "cls", "txt", "json"}
         assert s["cls"] == syn.CLASS_NAMES.index(s["json"]["scene"]["shape"])
-        assert set(s["json"]) == {"scene", "conversations", "preference"}
+        assert set(s["json"]) == {"scene", "captions", "conversations", "preference"}
+        assert s["txt"] in s["json"]["captions"] and s["json"]["captions"] == syn.all_captions(s["json"]["scene"])
 
 
 def test_class_balance_and_attribute_spread(samples: list[dict]) -> None:
