@@ -179,8 +179,9 @@ class MMLightningCLI(LightningCLI):
         from lightning.pytorch.loggers import WandbLogger
 
         online = os.environ.get("WANDB_MODE", "offline") == "online"
+        os.makedirs(root, exist_ok=True)  # W&B resolves its git root (commit, diff) from an existing save_dir
         return WandbLogger(
-            save_dir=os.path.abspath(root),  # absolute: W&B resolves its git root (commit, diff) from it
+            save_dir=os.path.abspath(root),
             project=cfg.wandb_project, name=cfg.run_name, group=cfg.run_name, offline=not online,
         )
 
