@@ -7,10 +7,10 @@ open_clip's retrieval benchmark runs it): batches that carry ``caption_input_ids
 ``caption_owner`` (:class:`~mm_lightning.data.samples.ImageTextPipeline` with a ``.json`` listing
 ``captions``) are scored against all of them; otherwise each image owns the one caption of its
 sample. Captions that are the same string are the same caption: the ``i2t`` gallery holds each
-distinct caption once (scored by its best-scored copy), correct for every image that owns it; a ``t2i`` query (every
-caption row) is answered correctly by every image that owns that string. Identity is decided on
-the token ids the model sees (the same string, after the tokenizer's normalisation and
-truncation to the context length).
+distinct caption once (scored by its best-scored copy), correct for every image that owns it; a
+``t2i`` query (every caption row) is answered correctly by every image that owns that string.
+Identity is decided on the token ids the model sees (the same string, after the tokenizer's
+normalisation and truncation to the context length).
 """
 
 from __future__ import annotations
