@@ -77,8 +77,10 @@ def test_base_image_is_cuda_runtime_matching_the_pinned_torch_build(steps):
 
 def test_project_is_installed_with_the_readme_install_command(steps):
     readme = (REPO / "README.md").read_text()
-    readme_installs = [cmd for line in readme.splitlines() if "pip install" in line and not line.lstrip().startswith("#")
-                       for cmd in pip_installs(line.strip().strip("`"))]
+    # shell lines of the README's code blocks (prose may mention `pip install` beside an apostrophe)
+    code = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", readme, flags=re.S))
+    readme_installs = [cmd for line in code.splitlines() if "pip install" in line and not line.lstrip().startswith("#")
+                       for cmd in pip_installs(line.split("  #")[0].strip())]
     assert readme_installs, "README.md has no `pip install` command"
     ours = [cmd for word, args in steps if word == "RUN" for cmd in pip_installs(_strip_run_flags(args))]
     assert ours == [readme_installs[0]], f"Dockerfile installs {ours}, README says {readme_installs[0]!r}"
