@@ -71,6 +71,10 @@ def nt_xent_worker(rank: int, port: int, out: str, temperature: float) -> None:
             {"loss": loss.detach(), "grad1": z1.grad, "grad2": z2.grad, "weight_grad": proj.weight.grad},
             os.path.join(out, f"rank{rank}.pt"),
         )
+        # both ranks done, and DDP's reducer (which holds the process group) gone before the group is
+        # destroyed: otherwise its gloo threads could abort the process at exit ("terminate called ...")
+        dist.barrier()
+        del ddp
     finally:
         dist.destroy_process_group()
 
