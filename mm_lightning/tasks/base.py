@@ -187,6 +187,21 @@ class Task(L.LightningModule):
         strategy = trainer.strategy if trainer is not None else None
         return strategy if isinstance(strategy, ModelParallelStrategy) else None
 
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict[str, Any], split: str) -> Any:
+        """One evaluation batch of split ``"val"`` or ``"test"`` (logs ``{split}/...``); tasks implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate: implement _eval_step(batch, split)")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        """``{"features": embed(images)}``; tasks with other outputs override it."""
+        return {"features": self.embed(batch["image"])}
+
     def configure_optimizers(self):
         groups = param_groups(self.optimized_module(), self.weight_decay, self.no_weight_decay_extra())
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)

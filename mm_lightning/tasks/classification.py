@@ -129,12 +129,6 @@ class ImageClassifier(Task):
         if split == "test":
             self.test_confusion.update(logits.argmax(-1), label)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         probs = self._eval_model()(batch["image"]).softmax(-1)
         return {"probs": probs, "pred": probs.argmax(-1)}

@@ -287,12 +287,6 @@ class CLIPTask(Task):
         self.log(f"{split}/loss", loss, batch_size=image_features.shape[0], sync_dist=True, prog_bar=split == "val")
         return {"image_features": image_features, "text_features": text_features}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._eval_step(batch, "test")
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         out = {"image_features": self.encode_image(batch["image"])}
         if "input_ids" in batch:

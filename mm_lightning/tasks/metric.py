@@ -138,17 +138,9 @@ class MetricLearner(Task):
     def on_test_epoch_start(self) -> None:
         self._eval_outputs = []
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"features": self.embed(batch["image"])}

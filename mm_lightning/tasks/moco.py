@@ -195,13 +195,3 @@ class MoCo(Task):
             q = self.projector(self.backbone(batch["view1"]))
             loss = moco_loss(q, self.keys(batch["view2"]), self.queue, self.temperature)
             self.log(f"{split}/loss", loss, batch_size=q.shape[0], sync_dist=True)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"features": self.embed(batch["image"])}
-

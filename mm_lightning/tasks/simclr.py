@@ -85,12 +85,3 @@ class SimCLR(Task):
         if "view1" in batch:  # evaluation batches may differ in size across ranks: no gathering
             loss, h1 = self._loss(batch, gather=False)
             self.log(f"{split}/loss", loss, batch_size=h1.shape[0], sync_dist=True)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"features": self.embed(batch["image"])}
