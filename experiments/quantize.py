@@ -50,8 +50,12 @@ def load_checkpoint(task: nn.Module, ckpt: Path) -> None:
         )
     if not ckpt.is_file():
         raise SystemExit(f"error: --ckpt {ckpt}: no such checkpoint file")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    task.load_state_dict(state["state_dict"] if "state_dict" in state else state)
+    from mm_lightning.checkpoint import UnsafeCheckpointError, state_dict_of
+
+    try:
+        task.load_state_dict(state_dict_of(ckpt, "--ckpt"))
+    except (UnsafeCheckpointError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def inference_module(task: nn.Module) -> nn.Module:

@@ -11,7 +11,6 @@ encoder. Zero-shot classification and retrieval are measured by the callbacks in
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from typing import Any, Literal
 
@@ -20,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
+from mm_lightning.checkpoint import state_dict_of
 from mm_lightning.losses.clip import clip_loss, siglip_loss
 from mm_lightning.models.text import HFTextEncoder, Pooling, TextTransformer
 from mm_lightning.models.vision import create_backbone
@@ -31,17 +31,10 @@ class CheckpointMismatchError(ValueError):
 
 
 def _state_dict_of(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model.image_init {path!r}: no such checkpoint file")
-    # A Lightning checkpoint of this project holds plain containers; fall back for older pickles.
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - e.g. pickled hyper-parameters of another library version
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointMismatchError(f"model.image_init {path!r} holds no state_dict of tensors")
-    return state
+        return state_dict_of(path, "model.image_init")
+    except ValueError as err:
+        raise CheckpointMismatchError(str(err)) from None
 
 
 def backbone_prefix(state: dict[str, torch.Tensor], wanted: set[str]) -> list[str]:
