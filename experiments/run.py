@@ -69,8 +69,12 @@ def prepare_builtin_data(specs: list[Any]) -> None:
     for spec in specs:
         if spec is None or not pending_builtin(spec):
             continue
-        with _file_lock(Path("data/shards/.prepare.lock")):  # ranks started together prepare once
-            ensure_builtin(spec)
+        try:
+            with _file_lock(Path("data/shards/.prepare.lock")):  # ranks started together prepare once
+                ensure_builtin(spec)
+        except OSError as err:  # e.g. a read-only shards volume without the data set
+            raise UsageError(f"{spec}: the built-in data set is missing and cannot be written ({err.strerror}: "
+                             f"{err.filename}); write it first (python -m data.prepare) or make data/shards writable") from None
 
 
 class MMLightningCLI(LightningCLI):

@@ -57,6 +57,19 @@ def test_complete_builtin_shards_are_only_read(shapes_root, monkeypatch):
     assert pending_builtin("data/shards/digits/digits-train-*.tar") == ["data/shards/digits"]  # missing: to write
 
 
+def test_missing_builtin_shards_that_cannot_be_written_fail_in_one_line(tmp_path, monkeypatch):
+    """The shapes data set is missing and data/shards cannot take it: one line naming the spec and the cause."""
+    from experiments.run import UsageError, prepare_builtin_data
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/shards").write_text("")  # not a directory: writing there fails, as on a read-only volume
+    with pytest.raises(UsageError, match=r"^error: data/shards/shapes/shapes-train-\*\.tar: the built-in data set is "
+                                         r"missing and cannot be written \(File exists: data/shards\); write it first"):
+        prepare_builtin_data(["data/shards/shapes/shapes-train-*.tar"])
+    assert (tmp_path / "data/shards").read_text() == ""
+
+
 # ---------------------------------------------------------------------------- the image itself
 def container_test(test):
     """Marks a test ``container`` (podman builds and runs the image) and ``slow`` (minutes: the build)."""
@@ -149,3 +162,4 @@ def test_tiny_run_with_read_only_shards_writes_the_run_directory(image, shapes_r
     assert list(run.glob("wandb/offline-run-*")), "no offline W&B run in the run directory"
     owners = {p.lstat().st_uid for p in [run, *run.rglob("*")]}  # W&B links to paths inside the container
     assert owners == {uid}, f"run directory owned by {owners}, expected the image's user {uid}"
+
