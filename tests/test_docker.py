@@ -132,6 +132,9 @@ def test_no_secrets_baked_into_image_or_compose(steps):
 def test_compose_reserves_gpus_and_mounts_data_runs_wandb():
     service = yaml.safe_load(COMPOSE.read_text())["services"]["train"]
     assert service["build"]["dockerfile"] == "docker/Dockerfile" and service["build"]["context"] == ".."
+    steps = instructions(DOCKERFILE.read_text())
+    default = next(args.split("=", 1)[1] for word, args in steps if word == "ARG" and args.startswith("BASE_IMAGE="))
+    assert service["build"]["args"]["BASE_IMAGE"] == f"${{BASE_IMAGE:-{default}}}", "compose and Dockerfile bases differ"
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     targets = {v.split(":")[1] for v in service["volumes"]}
