@@ -247,7 +247,7 @@ def build_image(tag: str, base: str, context: Path = REPO, log: Path | None = No
 
     The build's output goes to ``log`` (default ``<tmp>/mm-lightning-podman/build-<tag>.log``), each
     line prefixed with the seconds since the start; a failed build raises with the log's tail.
-    ``--layers=false`` commits one layer at the end instead of one per step (the big pip layer twice).
+    ``--layers=false``: one commit at the end and no intermediate images to clean up (the image goes anyway).
     """
     log = log or STATE_DIR / f"build-{re.sub(r'[^A-Za-z0-9_.-]+', '_', tag)}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
