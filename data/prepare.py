@@ -5,6 +5,8 @@
 * ``images``: an ImageFolder-style directory (one sub-folder per class) of your own images.
 * ``captions``: a ``.jsonl`` or ``.csv`` list of (image path, caption) pairs, written as image-text shards in
   img2dataset's layout (``.jpg``/``.png`` + ``.txt`` + ``.json``) with a BPE ``tokenizer.json`` for CLIP.
+* ``conversations``: a LLaVA-format ``.json`` list of ``{"id", "image", "conversations"}`` and its image folder,
+  written as instruction shards (image + ``.json``) with a chat tokenizer (:mod:`data.conversations`).
 
 Each writes ``{name}-{split}-000000.tar ...`` into one directory, with ``sizes.json`` (samples per
 shard) and ``manifest.json`` (name, classes, image size, seed, and per split its sample count,
@@ -495,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-key", default=None, help="image column (default: image, filepath, image_path, path or file)")
     p.add_argument("--caption-key", default=None, help="caption column (default: caption, title or text)")
     p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary of tokenizer.json (default: %(default)s)")
+    from data import conversations
+
+    p = sub.add_parser("conversations", help="a LLaVA-format .json and its images: instruction shards for the MLLM")
+    common(p, None)
+    conversations.add_arguments(p)
     return parser
 
 
@@ -515,6 +522,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             manifest = prepare_captions(args.src, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                                         image_size=args.image_size, name=args.name, image_key=args.image_key,
                                         caption_key=args.caption_key, vocab_size=args.vocab_size, **common)
+        elif args.command == "conversations":
+            from data import conversations
+
+            manifest = conversations.run(args, common)
         else:
             manifest = prepare_images(args.src, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                                       image_size=args.image_size, name=args.name, **common)
