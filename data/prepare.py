@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mm_lightning.data import synthetic
+from mm_lightning.data.chat_tokenizer import CHAT_TOKENIZER_DIR, train_chat_tokenizer_from_shards
 from mm_lightning.data.shards import MANIFEST_FILE, update_sizes, write_manifest, write_shards
 from mm_lightning.data.tokenizer import TOKENIZER_FILE, train_tokenizer_from_shards
 
@@ -107,9 +108,12 @@ def prepare_shapes(out_dir: str | os.PathLike = "data/shards/shapes", train: int
     }
     if splits["train"] is not None:  # CLIP's tokenizer: a byte-level BPE of the training captions
         train_tokenizer_from_shards(sorted(out.glob("shapes-train-[0-9]*.tar")), out / TOKENIZER_FILE)
+        # The multimodal LLM's: case-keeping BPE of captions, questions, answers and preference texts
+        train_chat_tokenizer_from_shards(sorted(out.glob("shapes-train-[0-9]*.tar")), out / CHAT_TOKENIZER_DIR)
     return _finish(out, splits, name="shapes", classes=list(synthetic.CLASS_NAMES), image_size=image_size,
                    seed=seed, members=["png", "cls", "txt", "json"], generator="mm_lightning.data.synthetic",
-                   generator_version=synthetic.VERSION)
+                   generator_version=synthetic.VERSION,
+                   chat_tokenizer=CHAT_TOKENIZER_DIR if splits["train"] is not None else None)
 
 
 def _allocate(sizes: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
