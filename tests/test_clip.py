@@ -20,7 +20,8 @@ from PIL import Image
 from mm_lightning.callbacks.retrieval import RetrievalEvaluation, retrieval_metrics, retrieval_ranks
 from mm_lightning.callbacks.zeroshot import fill_template, zeroshot_classifier
 from mm_lightning.data.tokenizer import TextTokenizer
-from mm_lightning.tasks.clip import CheckpointMismatchError, CLIPTask, load_backbone_weights
+from mm_lightning.models.clip import CheckpointMismatchError, load_backbone_weights
+from mm_lightning.tasks.clip import CLIPTask
 from tests.test_run import run_cli
 
 VIT = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
@@ -52,14 +53,14 @@ def _group_of(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> di
 
 
 def test_logit_scale_starts_at_1_over_0_07_is_clamped_and_takes_no_weight_decay():
-    assert tiny_task().logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert tiny_task().model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     import lightning as L
 
     class Record(L.Callback):
         values: list[float] = []
 
         def on_train_batch_end(self, trainer, pl_module, *args):
-            self.values.append(pl_module.logit_scale.item())
+            self.values.append(pl_module.model.logit_scale.item())
 
     task = tiny_task(init_logit_scale=6.0, weight_decay=0.1, lr=1e-4)  # exp(6) = 403 > 100
     trainer = _fit(task, steps=3, callbacks=[Record()])
@@ -67,17 +68,17 @@ def test_logit_scale_starts_at_1_over_0_07_is_clamped_and_takes_no_weight_decay(
     assert Record.values[0] == pytest.approx(math.log(100)) and max(Record.values) <= math.log(100) + 1e-7
     assert "train/logit_scale" in trainer.callback_metrics
     optimizer = trainer.optimizers[0]
-    assert _group_of(optimizer, task.logit_scale)["weight_decay"] == 0.0
-    assert _group_of(optimizer, task.text_encoder.positional_embedding)["weight_decay"] == 0.0
-    assert _group_of(optimizer, task.image_projection.weight)["weight_decay"] == 0.1
-    assert _group_of(optimizer, task.text_encoder.text_projection.weight)["weight_decay"] == 0.1
+    assert _group_of(optimizer, task.model.logit_scale)["weight_decay"] == 0.0
+    assert _group_of(optimizer, task.model.text_encoder.positional_embedding)["weight_decay"] == 0.0
+    assert _group_of(optimizer, task.model.image_projection.weight)["weight_decay"] == 0.1
+    assert _group_of(optimizer, task.model.text_encoder.text_projection.weight)["weight_decay"] == 0.1
 
 
 def test_siglip_has_a_bias_without_weight_decay_and_trains():
     task = tiny_task(loss="siglip", weight_decay=0.1)
-    assert task.logit_scale.item() == pytest.approx(math.log(10)) and task.logit_bias.item() == -10.0
+    assert task.model.logit_scale.item() == pytest.approx(math.log(10)) and task.model.logit_bias.item() == -10.0
     trainer = _fit(task)
-    assert _group_of(trainer.optimizers[0], task.logit_bias)["weight_decay"] == 0.0
+    assert _group_of(trainer.optimizers[0], task.model.logit_bias)["weight_decay"] == 0.0
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
@@ -97,10 +98,10 @@ def test_text_tower_from_a_local_hugging_face_encoder(tmp_path):
     BertModel(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32, max_position_embeddings=16)).save_pretrained(tmp_path / "bert")
     task = tiny_task(text_model=str(tmp_path / "bert"))
-    assert task.text_encoder.pooling == "mean"
+    assert task.model.text_encoder.pooling == "mean"
     loss = task.contrastive_loss(*task(torch.randn(4, 3, 16, 16), torch.randint(1, 60, (4, 8)), torch.ones(4, 8, dtype=torch.long)))
     loss.backward()
-    assert task.text_encoder.model.embeddings.word_embeddings.weight.grad is not None
+    assert task.model.text_encoder.model.embeddings.word_embeddings.weight.grad is not None
 
 
 def test_text_tower_sizes_come_from_the_one_tokenizer(tmp_path):
@@ -112,7 +113,7 @@ def test_text_tower_sizes_come_from_the_one_tokenizer(tmp_path):
     tokenizer = TextTokenizer(tmp_path / "tokenizer.json", context_length=12)
     task = tiny_task(tokenizer=tokenizer, vocab_size=None, context_length=None)
     assert task.tokenizer is tokenizer and "tokenizer" not in task.hparams
-    assert task.text_encoder.vocab_size == tokenizer.vocab_size and task.text_encoder.context_length == 12
+    assert task.model.text_encoder.vocab_size == tokenizer.vocab_size and task.model.text_encoder.context_length == 12
     with pytest.raises(ValueError, match="model.vocab_size: read from the tokenizer"):
         tiny_task(tokenizer=tokenizer, context_length=None)
     with pytest.raises(ValueError, match="top-level `tokenizer:`"):
@@ -128,12 +129,12 @@ def test_image_tower_is_initialised_from_a_classification_checkpoint(tmp_path):
     torch.save({"state_dict": classifier.state_dict(), "hyper_parameters": dict(classifier.hparams)}, path)
     task = tiny_task(image_init=str(path))
     task.setup("fit")
-    for name, value in task.image_encoder.state_dict().items():
+    for name, value in task.model.image_encoder.state_dict().items():
         assert torch.equal(value, classifier.model.state_dict()[name]), name
     # an explicit prefix picks the EMA copy; a prefix that holds nothing is an error naming it
-    assert load_backbone_weights(tiny_task().image_encoder, str(path), "ema.module.") == "ema.module."
+    assert load_backbone_weights(tiny_task().model.image_encoder, str(path), "ema.module.") == "ema.module."
     with pytest.raises(CheckpointMismatchError, match="lacks .* under prefix 'backbone.'"):
-        load_backbone_weights(tiny_task().image_encoder, str(path), "backbone.")
+        load_backbone_weights(tiny_task().model.image_encoder, str(path), "backbone.")
     wider = tiny_task(image_backbone_kwargs={**VIT, "embed_dim": 48, "num_heads": 2}, image_init=str(path))
     with pytest.raises(CheckpointMismatchError, match=r"classifier.ckpt.*model\..*\(1, 1, 32\) vs \(1, 1, 48\)"):
         wider.setup("fit")

@@ -64,7 +64,7 @@ def test_the_tokenizer_is_configured_once_and_handed_to_pipeline_and_task(builti
     tokenizer = cli.model.tokenizer
     assert tokenizer is not None and cli.datamodule.pipeline.tokenizer is tokenizer
     assert "tokenizer" not in cli.model.hparams  # never pickled into checkpoints
-    text = cli.model.text_encoder
+    text = cli.model.model.text_encoder
     assert (text.vocab_size, text.context_length) == (tokenizer.vocab_size, tokenizer.context_length) == (
         tokenizer.vocab_size, 32)
     dumped = yaml.safe_load(cli.parser.dump(cli.config))

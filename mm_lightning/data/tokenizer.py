@@ -24,9 +24,10 @@ like) and, where the tokenizer fixes it, the context length (``context_length`` 
 (``save_hyperparameters(ignore=["tokenizer"])``) and out of checkpoints: a checkpoint loads with
 ``weights_only=True``, and the config names the tokenizer again.
 
-A tokenizer class for configs subclasses :class:`Tokenizer` (the CLI accepts only subclasses), loads
-its vocabulary lazily (DataLoader workers unpickle it; ``__getstate__`` drops the loaded state) and
-downloads nothing.
+A tokenizer class for configs is a :class:`Tokenizer`: a subclass, or any class with ``vocab_size``,
+``pad_token_id`` and ``decode`` (checked structurally, as ``collections.abc`` does; e.g.
+:class:`~mm_lightning.data.chat_tokenizer.ChatTokenizer`). It loads its vocabulary lazily
+(DataLoader workers unpickle it; ``__getstate__`` drops the loaded state) and downloads nothing.
 
 Two kinds of source for :class:`TextTokenizer`:
 
@@ -179,6 +180,16 @@ class Tokenizer(ABC):
     further attributes where they need them (``context_length``, ``bos_token_id``, ``eos_token_id``,
     ``image_token_id``, ...) and fail naming the attribute when a tokenizer lacks one.
     """
+
+    REQUIRED: tuple[str, ...] = ("vocab_size", "pad_token_id", "decode")
+
+    @classmethod
+    def __subclasshook__(cls, other: type) -> bool:
+        """Structural: a class with ``vocab_size``, ``pad_token_id`` and ``decode`` counts as a Tokenizer
+        (as ``collections.abc`` does), so tokenizers need not import this module to be configured."""
+        if cls is Tokenizer:
+            return all(any(name in vars(k) for k in other.__mro__) for name in cls.REQUIRED) or NotImplemented
+        return NotImplemented
 
     @property
     @abstractmethod

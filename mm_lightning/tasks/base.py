@@ -1,5 +1,9 @@
 """What every task shares: AdamW with sensible weight-decay groups and a warmup + cosine schedule.
 
+A task holds its network as ``self.model``, a plain ``nn.Module`` from :mod:`mm_lightning.models` that
+runs without Lightning; its checkpoints carry the network's spec, so
+:func:`mm_lightning.models.load_model` rebuilds it from a run's checkpoint alone.
+
 Tasks subclass :class:`Task` and pass their optimizer arguments through ``**kwargs``, so
 ``--model.lr``, ``--model.weight_decay``, ``--model.warmup_epochs`` ... mean the same in
 every config.
@@ -102,6 +106,22 @@ class Task(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.torch_compile = compile
         self._model_configured = False
+
+    # --------------------------------------------------------------- the network (mm_lightning.models)
+    def model_spec(self) -> dict[str, Any] | None:
+        """How to rebuild ``self.model`` without Lightning (:func:`mm_lightning.models.load_model`): every
+        checkpoint carries it as ``checkpoint["model_spec"]``. ``None`` for a task without ``self.model``."""
+        from mm_lightning.models.loading import model_spec
+
+        model = getattr(self, "model", None)
+        return model_spec(model) if isinstance(model, nn.Module) else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        spec = self.model_spec()
+        if spec is not None:
+            from mm_lightning.models.loading import SPEC_KEY
+
+            checkpoint[SPEC_KEY] = spec
 
     def no_weight_decay_extra(self) -> set[str]:
         """Names (relative to the task) of further parameters to exempt from weight decay."""
