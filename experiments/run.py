@@ -104,6 +104,11 @@ class MMLightningCLI(LightningCLI):
         parser.add_subclass_arguments(Tokenizer, "tokenizer", required=False, help="The run's tokenizer (text tasks).")
         parser.link_arguments("tokenizer", "data.pipeline.init_args.tokenizer", apply_on="instantiate")
         parser.link_arguments("tokenizer", "model.init_args.tokenizer", apply_on="instantiate")
+        # The multimodal LLM's connector fixes how many <image> tokens stand for an image: the task (built
+        # first) hands its num_image_tokens to a pipeline that declares the argument (others get nothing).
+        parser.link_arguments(
+            "model", "data.pipeline.init_args.num_image_tokens", compute_fn=_num_image_tokens, apply_on="instantiate"
+        )
 
     # ------------------------------------------------------------------ setup
     def _cfg(self) -> Any:
@@ -218,6 +223,10 @@ class MMLightningCLI(LightningCLI):
                     print(f"  {name}: {summary.metrics[name]:.4f}")
             print(f"Summary: {os.path.join(root, 'summary.json')}")
         sys.stdout.flush()
+
+
+def _num_image_tokens(model: Any) -> int | None:
+    return getattr(model, "num_image_tokens", None)
 
 
 def _is_rank_zero() -> bool:
