@@ -155,8 +155,11 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary of chat_tokenizer/ (default: %(default)s)")
 
 
-def run(args: Any, common: dict[str, Any]) -> dict[str, Any]:
-    """Run the parsed ``conversations`` subcommand."""
-    return prepare_conversations(args.src, args.images, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                                 image_size=args.image_size, name=args.name, skip_text_only=args.skip_text_only,
-                                 vocab_size=args.vocab_size, **common)
+def run(args: Any) -> dict[str, Any]:
+    """Run the parsed ``conversations`` subcommand; print where the shards went."""
+    from data.prepare import _print_splits, _writer_args
+
+    manifest = prepare_conversations(args.src, args.images, val_fraction=args.val_fraction,
+                                     test_fraction=args.test_fraction, image_size=args.image_size, name=args.name,
+                                     skip_text_only=args.skip_text_only, vocab_size=args.vocab_size, **_writer_args(args))
+    return _print_splits(manifest, args.out)

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mm_lightning.data.tokenizer import Tokenizer
+
 # Fork-started DataLoader workers inherit the tokenizer; its thread pool must not be used before the fork.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -150,7 +152,7 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-class ChatTokenizer:
+class ChatTokenizer(Tokenizer):
     """Conversation tokenizer from a local Hugging Face tokenizer directory (or a ``tokenizer.json`` of ours).
 
     Loaded lazily (on first use, in each DataLoader worker), so a pipeline or task that holds it
