@@ -319,12 +319,6 @@ class ChatTokenizer(Tokenizer):
         """The ids that open an assistant turn (a generation prompt ends with them)."""
         return list(self._id("assistant"))
 
-    @property
-    def special_ids(self) -> set[int]:
-        """Every special id (bos, pad, image, end of turn and the tokenizer's own special tokens)."""
-        ids = {int(i) for i in self.hf.all_special_ids} | {self.pad_token_id, self.image_token_id, self.end_of_turn_id}
-        return ids | ({self.bos_token_id} if self.bos_token_id is not None else set())
-
     def encode(self, text: str) -> list[int]:
         """The ids of ``text``, no special tokens added; special-token strings in it stay plain text."""
         self.hf  # noqa: B018 (loads the tokenizer)
