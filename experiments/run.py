@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from mm_lightning.callbacks.data_monitor import DataMonitor
 from mm_lightning.callbacks.run_summary import RunSummary
 from mm_lightning.data.datamodule import WebDataModule
+from mm_lightning.data.tokenizer import Tokenizer
 
 RUN_DIR_ENV = "MM_RUN_DIR"  # lets processes started by a launcher (DDP, SLURM) agree on one run directory
 
@@ -105,6 +106,16 @@ class MMLightningCLI(LightningCLI):
         parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=None, help="Also save last.ckpt every N optimizer steps.")
         parser.add_argument("--test_after_fit", type=bool, default=True, help="Evaluate the test split on the best checkpoint after fit.")
         parser.add_argument("--prepare_data", type=bool, default=True, help="Write the built-in shapes/digits shards if missing.")
+        # The run's one tokenizer, instantiated once and handed to the pipeline and the task that declare a
+        # `tokenizer` argument (contract: mm_lightning/data/tokenizer.py); callbacks read pl_module.tokenizer.
+        parser.add_subclass_arguments(Tokenizer, "tokenizer", required=False, help="The run's tokenizer (text tasks).")
+        parser.link_arguments("tokenizer", "data.pipeline.init_args.tokenizer", apply_on="instantiate")
+        parser.link_arguments("tokenizer", "model.init_args.tokenizer", apply_on="instantiate")
+        # The multimodal LLM's connector fixes how many <image> tokens stand for an image: the task (built
+        # first) hands its num_image_tokens to a pipeline that declares the argument (others get nothing).
+        parser.link_arguments(
+            "model", "data.pipeline.init_args.num_image_tokens", compute_fn=_num_image_tokens, apply_on="instantiate"
+        )
 
     # ------------------------------------------------------------------ setup
     def _cfg(self) -> Any:
@@ -219,6 +230,10 @@ class MMLightningCLI(LightningCLI):
                     print(f"  {name}: {summary.metrics[name]:.4f}")
             print(f"Summary: {os.path.join(root, 'summary.json')}")
         sys.stdout.flush()
+
+
+def _num_image_tokens(model: Any) -> int | None:
+    return getattr(model, "num_image_tokens", None)
 
 
 def _is_rank_zero() -> bool:

@@ -89,9 +89,9 @@ def test_moco_key_encoder_gets_no_gradient_and_follows_by_momentum():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log without a trainer
         task.training_step(batch, 0)["loss"].backward()
-    key_params = list(task.key_backbone.parameters()) + list(task.key_projector.parameters())
+    key_params = list(task.key_model.parameters())
     assert all(not p.requires_grad and p.grad is None for p in key_params)
-    assert any(p.grad is not None for p in task.backbone.parameters())
+    assert any(p.grad is not None for p in task.model.backbone.parameters())
     optimized = {id(p) for group in param_groups(task, 0.05) for p in group["params"]}
     assert not optimized & {id(p) for p in key_params}  # the optimizer never touches the key encoder
     # theta_k <- m theta_k + (1 - m) theta_q with the cosine schedule
@@ -123,7 +123,7 @@ class _CountSteps(L.Callback):
 
 def test_moco_momentum_update_once_per_optimizer_step_with_accumulation(colour_shards):
     task = _moco(queue_size=64)  # 16 samples x 2 views = 32 keys a step
-    keys_before = copy.deepcopy(task.key_backbone.state_dict())
+    keys_before = copy.deepcopy(task.key_model.state_dict())
     counter = _CountSteps()
     dm = WebDataModule(train=colour_shards["train"], pipeline=_pipeline(), batch_size=16, num_workers=0)
     trainer = _trainer(limit_train_batches=4, accumulate_grad_batches=2, callbacks=[counter])
@@ -131,7 +131,7 @@ def test_moco_momentum_update_once_per_optimizer_step_with_accumulation(colour_s
     assert counter.batches == 4 and counter.optimizer_steps == 2 == trainer.global_step
     assert int(task.momentum_updates) == 2  # not 4: one update per optimizer step
     assert int(task.queue_ptr) == (4 * 32) % 64  # but every batch enqueued its keys
-    moved = [not torch.equal(a, b) for a, b in zip(keys_before.values(), task.key_backbone.state_dict().values())]
+    moved = [not torch.equal(a, b) for a, b in zip(keys_before.values(), task.key_model.state_dict().values())]
     assert any(moved)
     # a queue that the global batch does not divide fails before training, naming the flag
     bad = _moco(queue_size=100)
@@ -185,12 +185,12 @@ def test_probe_never_updates_backbone_and_random_init_uses_same_protocol(colour_
     torch.manual_seed(0)
     task = SimCLR(backbone="vit_tiny_patch16_224", backbone_kwargs=TINY_VIT, proj_hidden_dim=32, proj_dim=16,
                   lr=0.0, warmup_steps=0)  # the task itself does not learn
-    before = copy.deepcopy(task.backbone.state_dict())
+    before = copy.deepcopy(task.model.backbone.state_dict())
     probe, monitor = Probe(probe_l2=[1e-3]), EmbeddingMonitor(every_n_steps=1)
     dm = WebDataModule(**colour_shards, pipeline=_pipeline(), batch_size=32, num_workers=0)
     trainer = _trainer(default_root_dir=str(tmp_path), callbacks=[probe, monitor])
     trainer.fit(task, datamodule=dm)
-    for name, value in task.backbone.state_dict().items():
+    for name, value in task.model.backbone.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert probe.head is not None and probe.head[1].weight.abs().sum() > 0  # the probe itself trained
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}

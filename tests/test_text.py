@@ -125,3 +125,19 @@ def test_hugging_face_encoder_from_a_local_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="cannot load"):
         HFTextEncoder(tmp_path / "empty")
+
+
+def test_tokenizer_contract_is_structural():
+    """The CLI's ``tokenizer:`` accepts Tokenizer subclasses and any class with vocab_size, pad_token_id and decode
+    (the chat tokenizer), nothing else."""
+    from mm_lightning.data.chat_tokenizer import ChatTokenizer
+    from mm_lightning.data.tokenizer import Tokenizer
+
+    class Partial:
+        vocab_size = 3
+
+        def decode(self, ids):
+            return ""
+
+    assert issubclass(TextTokenizer, Tokenizer) and issubclass(ChatTokenizer, Tokenizer)
+    assert not issubclass(Partial, Tokenizer) and not issubclass(dict, Tokenizer)

@@ -1,5 +1,9 @@
 """What every task shares: AdamW with sensible weight-decay groups and a warmup + cosine schedule.
 
+A task holds its network as ``self.model``, a plain ``nn.Module`` from :mod:`mm_lightning.models` that
+runs without Lightning; its checkpoints carry the network's spec, so
+:func:`mm_lightning.models.load_model` rebuilds it from a run's checkpoint alone.
+
 Tasks subclass :class:`Task` and pass their optimizer arguments through ``**kwargs``, so
 ``--model.lr``, ``--model.weight_decay``, ``--model.warmup_epochs`` ... mean the same in
 every config.
@@ -72,6 +76,10 @@ class Task(L.LightningModule):
     #: metric that picks the best checkpoint, and whether higher is better
     monitor: str | None = None
     monitor_mode: str = "max"
+    #: the run's one tokenizer (:class:`mm_lightning.data.tokenizer.Tokenizer`), or ``None`` for image-only
+    #: tasks. Tasks with text take it as their ``tokenizer`` init argument (the CLI links the config's
+    #: top-level ``tokenizer:`` into it) and keep it out of their hyper-parameters; callbacks read it here.
+    tokenizer: Any = None
 
     def __init__(
         self,
@@ -98,6 +106,22 @@ class Task(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.torch_compile = compile
         self._model_configured = False
+
+    # --------------------------------------------------------------- the network (mm_lightning.models)
+    def model_spec(self) -> dict[str, Any] | None:
+        """How to rebuild ``self.model`` without Lightning (:func:`mm_lightning.models.load_model`): every
+        checkpoint carries it as ``checkpoint["model_spec"]``. ``None`` for a task without ``self.model``."""
+        from mm_lightning.models.loading import model_spec
+
+        model = getattr(self, "model", None)
+        return model_spec(model) if isinstance(model, nn.Module) else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        spec = self.model_spec()
+        if spec is not None:
+            from mm_lightning.models.loading import SPEC_KEY
+
+            checkpoint[SPEC_KEY] = spec
 
     def no_weight_decay_extra(self) -> set[str]:
         """Names (relative to the task) of further parameters to exempt from weight decay."""
@@ -148,15 +172,20 @@ class Task(L.LightningModule):
         checkpointing, compile, then FSDP2 over the ``data_parallel`` axis. Under any other strategy:
         activation checkpointing and compile. Subclasses that override this call ``super().configure_model()``.
         """
+        from mm_lightning import distributed
+
+        strategy = self._model_parallel_strategy()
+        # losses and evaluation callbacks gather over the data-parallel ranks only (see mm_lightning.distributed)
+        mesh = getattr(strategy, "_device_mesh", None)
+        distributed.set_data_parallel_group(mesh["data_parallel"].get_group() if mesh is not None else None)
         if self._model_configured:  # Lightning calls this hook again for each trainer.fit/test/...
             return
         self._model_configured = True
-        if not (self.activation_checkpointing or self.torch_compile or self._model_parallel_strategy() is not None):
+        if not (self.activation_checkpointing or self.torch_compile or strategy is not None):
             return
         from mm_lightning import parallel
 
         blocks = self.transformer_blocks()
-        strategy = self._model_parallel_strategy()
         if strategy is not None:
             parallel.parallelize_task(
                 self,
@@ -180,6 +209,16 @@ class Task(L.LightningModule):
         if self.torch_compile:
             parallel.compile_modules(blocks or [self.optimized_module()])
 
+    def data_parallel_size(self) -> int:
+        """Ranks that read different data: the trainer's world size divided by the model-parallel degree."""
+        trainer = self._trainer
+        if trainer is None:
+            return 1
+        try:
+            return int((trainer.strategy.distributed_sampler_kwargs or {}).get("num_replicas", trainer.world_size))
+        except (AttributeError, RuntimeError, AssertionError):
+            return trainer.world_size
+
     def _model_parallel_strategy(self) -> Any:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -202,8 +241,13 @@ class Task(L.LightningModule):
         """``{"features": embed(images)}``; tasks with other outputs override it."""
         return {"features": self.embed(batch["image"])}
 
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """AdamW's parameter groups (:func:`param_groups` of :meth:`optimized_module`); a task with several
+        parts at their own learning rates overrides it (groups may carry ``lr`` and ``name``)."""
+        return param_groups(self.optimized_module(), self.weight_decay, self.no_weight_decay_extra())
+
     def configure_optimizers(self):
-        groups = param_groups(self.optimized_module(), self.weight_decay, self.no_weight_decay_extra())
+        groups = self.optimizer_param_groups()
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.warmup_steps

@@ -58,6 +58,7 @@ class ImageClassifier(Task):
         if drop_path_rate:
             extra["drop_path_rate"] = drop_path_rate
         self.model = create_backbone(backbone, num_classes=num_classes, pretrained=pretrained, **extra)
+        self._backbone_args = {"name": backbone, "num_classes": num_classes, "pretrained": False, **extra}
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.mixup = None
@@ -75,6 +76,12 @@ class ImageClassifier(Task):
 
     def optimized_module(self) -> torch.nn.Module:
         return self.model
+
+    def model_spec(self) -> dict[str, Any]:
+        """The timm model's :func:`~mm_lightning.models.vision.create_backbone` arguments (see ``Task.model_spec``)."""
+        from mm_lightning.models.loading import model_spec
+
+        return model_spec(self.model, self._backbone_args)
 
     def configure_model(self) -> None:
         if self.ema is not None and self._model_parallel_strategy() is not None:

@@ -1,8 +1,9 @@
 """CLIP pretraining: an image tower and a text tower trained with a contrastive loss into one space.
 
-The image tower is any timm backbone (optionally initialised from another task's checkpoint);
-the text tower is :class:`~mm_lightning.models.text.TextTransformer` or a local Hugging Face
-encoder. Zero-shot classification and retrieval are measured by the callbacks in
+The network is :class:`mm_lightning.models.clip.CLIP` (``task.model``): any timm image tower
+(optionally initialised from another task's checkpoint), the text tower
+:class:`~mm_lightning.models.text.TextTransformer` or a local Hugging Face encoder, the projections
+and the temperature. Zero-shot classification and retrieval are measured by the callbacks in
 :mod:`mm_lightning.callbacks.zeroshot` and :mod:`mm_lightning.callbacks.retrieval`, which use
 :meth:`CLIPTask.encode_image` / :meth:`CLIPTask.encode_text` and the features that
 ``validation_step`` / ``test_step`` return.
@@ -11,78 +12,46 @@ encoder. Zero-shot classification and retrieval are measured by the callbacks in
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from mm_lightning.checkpoint import state_dict_of
+from mm_lightning.data.tokenizer import Tokenizer
 from mm_lightning.losses.clip import clip_loss, siglip_loss
-from mm_lightning.models.text import HFTextEncoder, Pooling, TextTransformer
-from mm_lightning.models.vision import create_backbone
+from mm_lightning.models.clip import CLIP, CheckpointMismatchError, backbone_prefix, load_backbone_weights
+from mm_lightning.models.text import HFTextEncoder, Pooling
 from mm_lightning.tasks.base import Task
 
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's weights do not fit the backbone they should initialise."""
+__all__ = ["CLIPTask", "CheckpointMismatchError", "backbone_prefix", "load_backbone_weights", "text_sizes"]
 
 
-def _state_dict_of(path: str) -> dict[str, torch.Tensor]:
-    try:
-        return state_dict_of(path, "model.image_init")
-    except ValueError as err:
-        raise CheckpointMismatchError(str(err)) from None
-
-
-def backbone_prefix(state: dict[str, torch.Tensor], wanted: set[str]) -> list[str]:
-    """The key prefixes under which ``state`` holds every key of ``wanted`` (shortest first)."""
-    counts: Counter[str] = Counter()
-    for key in state:
-        for name in wanted:
-            if key.endswith(name) and (len(key) == len(name) or key[-len(name) - 1] == "."):
-                counts[key[: len(key) - len(name)]] += 1
-    return sorted((p for p, c in counts.items() if c >= len(wanted)), key=lambda p: (len(p), p))
-
-
-def load_backbone_weights(backbone: nn.Module, path: str, prefix: str | None = None) -> str:
-    """Copy a backbone's weights from a Lightning checkpoint of another task (classification, SSL, ...).
-
-    The checkpoint's ``state_dict`` keys under ``prefix`` (e.g. ``model.`` for
-    :class:`~mm_lightning.tasks.classification.ImageClassifier`) must hold every parameter and buffer
-    of ``backbone`` with the same shape; a classifier head the backbone lacks is ignored. Without
-    ``prefix`` the shortest prefix that holds all of them is used. Returns the prefix used.
-    Raises :class:`CheckpointMismatchError` naming the checkpoint and the keys that do not fit.
-    """
-    state = _state_dict_of(path)
-    own = backbone.state_dict()
-    if prefix is None:
-        found = backbone_prefix(state, set(own))
-        if not found:
-            sample = ", ".join(list(state)[:5])
-            raise CheckpointMismatchError(
-                f"model.image_init {path!r} holds no weights that fit model.image_backbone (wanted keys such as "
-                f"{', '.join(list(own)[:3])}; the checkpoint has {sample}, ...): is it a checkpoint of the same "
-                "architecture and backbone_kwargs? Set model.image_init_prefix if its keys carry a prefix"
+def text_sizes(
+    tokenizer: Tokenizer | None, vocab_size: int | None, context_length: int | None, text_model: str | None = None
+) -> tuple[int, int]:
+    """The text tower's ``(vocab_size, context_length)``: the tokenizer's, or the explicit values of a model
+    built in code without one. Both given, or neither, is an error naming the setting."""
+    if tokenizer is not None:
+        given = [n for n, v in (("vocab_size", vocab_size), ("context_length", context_length)) if v is not None]
+        if given:
+            raise ValueError(
+                f"model.{' and model.'.join(given)}: read from the tokenizer ({tokenizer!r}); remove the setting "
+                "(the config's top-level `tokenizer:` section sets it once)"
             )
-        prefix = found[0]
-    missing = [k for k in own if prefix + k not in state]
-    if missing:
-        raise CheckpointMismatchError(
-            f"model.image_init {path!r} lacks {len(missing)} backbone weight(s) under prefix {prefix!r}, e.g. "
-            f"{', '.join(prefix + k for k in missing[:5])}"
+        length = getattr(tokenizer, "context_length", None)
+        if length is None:
+            raise ValueError(f"tokenizer {tokenizer!r} has no context_length for the CLIP text tower")
+        return int(tokenizer.vocab_size), int(length)
+    if text_model:  # a Hugging Face text tower brings its own sizes
+        return int(vocab_size or 0), int(context_length or 0)
+    if vocab_size is None or context_length is None:
+        raise ValueError(
+            "CLIPTask needs a tokenizer: give the config a top-level `tokenizer:` section (class_path "
+            "mm_lightning.data.tokenizer.TextTokenizer, init_args {path: ..., context_length: ...}), or, building "
+            "the task in code, vocab_size and context_length"
         )
-    wrong = [f"{prefix + k}: {tuple(state[prefix + k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if state[prefix + k].shape != v.shape]
-    if wrong:
-        raise CheckpointMismatchError(
-            f"model.image_init {path!r}: {len(wrong)} weight(s) have another shape than model.image_backbone's "
-            f"(checkpoint vs model): {'; '.join(wrong[:5])}"
-        )
-    backbone.load_state_dict({k: state[prefix + k] for k in own})
-    return prefix
+    return vocab_size, context_length
 
 
 class CLIPTask(Task):
@@ -101,9 +70,13 @@ class CLIPTask(Task):
         image_init_prefix: key prefix of the backbone in ``image_init``'s state dict (e.g. ``model.``);
             found automatically when unset.
         lock_image: freeze the image tower (LiT: only the projection and the text tower train).
+        tokenizer: the run's tokenizer (the config's top-level ``tokenizer:`` section, linked here by
+            ``experiments.run``): the text tower's vocabulary size and context length are its ``vocab_size``
+            and ``context_length``. Not saved in the hyper-parameters.
         embed_dim: width of the joint embedding space.
-        vocab_size: rows of the text tower's token table; at least the tokenizer's size (checked at setup).
-        context_length: longest caption in tokens (the pipeline's ``context_length`` must not exceed it).
+        vocab_size: rows of the text tower's token table, only for a model built in code without a
+            tokenizer (a run reads it from the tokenizer; giving both is an error).
+        context_length: longest caption in tokens, likewise only without a tokenizer.
         text_width: hidden size of the text transformer.
         text_layers: transformer blocks of the text tower.
         text_heads: attention heads of the text tower.
@@ -136,9 +109,10 @@ class CLIPTask(Task):
         image_init: str | None = None,
         image_init_prefix: str | None = None,
         lock_image: bool = False,
+        tokenizer: Tokenizer | None = None,
         embed_dim: int = 128,
-        vocab_size: int = 1024,
-        context_length: int = 32,
+        vocab_size: int | None = None,
+        context_length: int | None = None,
         text_width: int = 128,
         text_layers: int = 3,
         text_heads: int = 4,
@@ -156,32 +130,31 @@ class CLIPTask(Task):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["tokenizer"])
         if loss not in ("clip", "siglip"):
             raise ValueError(f"model.loss must be 'clip' or 'siglip', got {loss!r}")
-        self.image_encoder = create_backbone(
-            image_backbone, num_classes=0, pretrained=image_pretrained, **dict(image_backbone_kwargs or {})
-        )
-        self.image_projection = nn.Linear(self.image_encoder.num_features, embed_dim, bias=False)
-        nn.init.normal_(self.image_projection.weight, std=self.image_encoder.num_features**-0.5)
-        if text_model:
-            self.text_encoder: nn.Module = HFTextEncoder(text_model, embed_dim, pooling=text_pooling or "mean")
-        else:
-            self.text_encoder = TextTransformer(
-                vocab_size=vocab_size,
-                embed_dim=embed_dim,
-                context_length=context_length,
-                width=text_width,
-                layers=text_layers,
-                heads=text_heads,
-                mlp_ratio=text_mlp_ratio,
-                causal=text_causal,
-                pooling=text_pooling or "eot",
-            )
+        self.tokenizer = tokenizer
+        vocab_size, context_length = text_sizes(tokenizer, vocab_size, context_length, text_model)
         if init_logit_scale is None:
             init_logit_scale = math.log(1 / 0.07) if loss == "clip" else math.log(10.0)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learn_logit_scale)
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if loss == "siglip" else None
+        self.model = CLIP(
+            image_backbone=image_backbone,
+            image_backbone_kwargs=image_backbone_kwargs,
+            image_pretrained=image_pretrained,
+            embed_dim=embed_dim,
+            vocab_size=vocab_size,
+            context_length=context_length,
+            text_width=text_width,
+            text_layers=text_layers,
+            text_heads=text_heads,
+            text_mlp_ratio=text_mlp_ratio,
+            text_causal=text_causal,
+            text_pooling=text_pooling,
+            text_model=text_model,
+            init_logit_scale=init_logit_scale,
+            learn_logit_scale=learn_logit_scale,
+            init_logit_bias=init_logit_bias if loss == "siglip" else None,
+        )
         self.loss_name = loss
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
@@ -190,70 +163,60 @@ class CLIPTask(Task):
         self.image_init_prefix = image_init_prefix
         self.lock_image = lock_image
         if lock_image:
-            self.image_encoder.requires_grad_(False)
+            self.model.image_encoder.requires_grad_(False)
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        """Check the tokenizer against the text tower; load ``image_init`` before ``fit`` (a resumed
+        """Check the tokenizer against a Hugging Face text tower; load ``image_init`` before ``fit`` (a resumed
         run's own checkpoint is restored afterwards and wins)."""
-        pipeline = getattr(getattr(self._trainer, "datamodule", None), "pipeline", None)
-        tokenizer = getattr(pipeline, "tokenizer", None)
-        if tokenizer is not None and isinstance(self.text_encoder, TextTransformer):
-            if tokenizer.vocab_size > self.text_encoder.vocab_size:
-                raise ValueError(
-                    f"tokenizer {tokenizer.path!r} has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                    f"{self.text_encoder.vocab_size}: set model.vocab_size >= {tokenizer.vocab_size}"
-                )
-            if tokenizer.context_length > self.text_encoder.context_length:
-                raise ValueError(
-                    f"the pipeline's context_length {tokenizer.context_length} exceeds model.context_length "
-                    f"{self.text_encoder.context_length}"
-                )
+        tokenizer, text = self.tokenizer, self.model.text_encoder
+        if tokenizer is not None and isinstance(text, HFTextEncoder) and tokenizer.vocab_size > text.vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} tokens but model.text_model has only "
+                f"{text.vocab_size} embeddings: use the text model's own tokenizer"
+            )
         if stage == "fit" and self.image_init:
-            prefix = load_backbone_weights(self.image_encoder, self.image_init, self.image_init_prefix)
+            prefix = load_backbone_weights(self.model.image_encoder, self.image_init, self.image_init_prefix)
             rank_zero_info(f"image tower initialised from {self.image_init} (keys under {prefix!r})")
 
     def train(self, mode: bool = True) -> CLIPTask:
         super().train(mode)
         if self.lock_image:  # a locked tower stays in eval mode (no dropout, fixed norms)
-            self.image_encoder.eval()
+            self.model.image_encoder.eval()
         return self
 
-    def no_weight_decay_extra(self) -> set[str]:
-        """The temperature and the SigLIP bias never take weight decay."""
-        return {"logit_scale"} | ({"logit_bias"} if self.logit_bias is not None else set())
+    def optimized_module(self) -> nn.Module:
+        return self.model
 
     # --------------------------------------------------------------- encoders
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled image-tower features before the projection (for linear probes, kNN and hand-over)."""
-        return self.image_encoder(images)
+        return self.model.embed(images)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image features in the joint space ``(B, embed_dim)``, L2-normalised unless ``normalize=False``."""
-        features = self.image_projection(self.image_encoder(images))
-        return F.normalize(features, dim=-1) if normalize else features
+        return self.model.encode_image(images, normalize)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
     ) -> torch.Tensor:
         """Text features in the joint space ``(B, embed_dim)``, L2-normalised unless ``normalize=False``."""
-        features = self.text_encoder(input_ids, attention_mask)
-        return F.normalize(features, dim=-1) if normalize else features
+        return self.model.encode_text(input_ids, attention_mask, normalize)
 
     def forward(
         self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised ``(image_features, text_features)`` of matched pairs."""
-        return self.encode_image(image), self.encode_text(input_ids, attention_mask)
+        return self.model(image, input_ids, attention_mask)
 
     # ------------------------------------------------------------------- loss
     def contrastive_loss(
         self, image_features: torch.Tensor, text_features: torch.Tensor, gather: bool = True
     ) -> torch.Tensor:
         """The configured loss; ``gather=False`` scores this rank's batch only (evaluation)."""
-        scale = self.logit_scale.exp()
+        scale = self.model.logit_scale.exp()
         if self.loss_name == "siglip":
-            return siglip_loss(image_features, text_features, scale, self.logit_bias, self.gather_with_grad, gather)
+            return siglip_loss(image_features, text_features, scale, self.model.logit_bias, self.gather_with_grad, gather)
         return clip_loss(image_features, text_features, scale, self.local_loss, self.gather_with_grad, gather)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -261,16 +224,15 @@ class CLIPTask(Task):
         loss = self.contrastive_loss(image_features, text_features)
         n = image_features.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/logit_scale", self.logit_scale.detach().exp(), batch_size=n)
-        if self.logit_bias is not None:
-            self.log("train/logit_bias", self.logit_bias.detach(), batch_size=n)
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=n)
+        if self.model.logit_bias is not None:
+            self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=n)
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Step, then clamp the log temperature to ``[0, max_logit_scale]`` (CLIP: at most ln 100)."""
         super().optimizer_step(*args, **kwargs)
-        with torch.no_grad():
-            self.logit_scale.clamp_(0.0, self.max_logit_scale)
+        self.model.clamp_logit_scale(self.max_logit_scale)
 
     # ------------------------------------------------------------- evaluation
     def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, torch.Tensor]:

@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from mm_lightning.losses.contrastive import contrastive_loss
 from mm_lightning.losses.triplet import mined_triplet_loss
-from mm_lightning.models.heads import ProjectionHead
-from mm_lightning.models.vision import create_backbone
+from mm_lightning.models.metric import MetricEmbedder
 from mm_lightning.tasks.base import Task
 
 
@@ -34,7 +32,8 @@ def all_pairs_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, m
 class MetricLearner(Task):
     """Learn an embedding where distance means "same class" (FaceNet-style), from ``image`` + ``label`` batches.
 
-    ``e = normalize(head(backbone(x)))`` (normalisation optional); the loss is the triplet loss
+    ``e = normalize(head(backbone(x)))`` (normalisation optional; the network is
+    :class:`mm_lightning.models.metric.MetricEmbedder`, ``task.model``); the loss is the triplet loss
     with ``batch_all``, ``batch_hard`` or ``semi_hard`` mining within the batch
     (:mod:`mm_lightning.losses.triplet`), or the pairwise margin loss over all pairs of the
     batch (``loss: contrastive``). :meth:`embed` returns ``e``, so the kNN and probe callbacks
@@ -85,8 +84,8 @@ class MetricLearner(Task):
             raise ValueError(f"model.mining must be batch_all, batch_hard or semi_hard, got {mining!r}")
         if margin <= 0:
             raise ValueError(f"model.margin must be > 0, got {margin}")
-        self.backbone = create_backbone(backbone, num_classes=0, pretrained=pretrained, **dict(backbone_kwargs or {}))
-        self.head = ProjectionHead(self.backbone.num_features, head_hidden_dim, embed_dim, head_layers, batch_norm=True)
+        self.model = MetricEmbedder(backbone, backbone_kwargs, pretrained, embed_dim, head_layers, head_hidden_dim,
+                                    normalize)
         self.normalize = normalize
         self.loss_name = loss
         self.mining = mining
@@ -94,10 +93,12 @@ class MetricLearner(Task):
         self.squared = squared
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def optimized_module(self) -> torch.nn.Module:
+        return self.model
+
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """The learned embedding ``(B, embed_dim)`` (L2-normalised with ``normalize``)."""
-        e = self.head(self.backbone(image))
-        return F.normalize(e, dim=-1) if self.normalize else e
+        return self.model(image)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.embed(image)

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from mm_lightning.distributed import all_gather_no_grad
 from mm_lightning.losses.contrastive import moco_loss
-from mm_lightning.models.heads import ProjectionHead
-from mm_lightning.models.vision import create_backbone
+from mm_lightning.models.ssl import SSLEncoder
 from mm_lightning.tasks.base import Task
 
 
@@ -26,7 +25,8 @@ def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0
 class MoCo(Task):
     """MoCo v2 (He et al. 2020; Chen et al. 2020): InfoNCE between queries and momentum-encoded keys.
 
-    The query encoder (backbone + projection MLP) is trained; the key encoder is a copy whose
+    The query encoder (backbone + projection MLP, :class:`mm_lightning.models.ssl.SSLEncoder`, ``task.model``)
+    is trained; the key encoder (``task.key_model``) is a copy whose
     weights follow it as an exponential moving average ``theta_k <- m theta_k + (1 - m) theta_q``
     and receive no gradient. The update runs once per *optimizer* step (in
     :meth:`optimizer_step`), so ``accumulate_grad_batches`` does not change how often the key
@@ -79,12 +79,9 @@ class MoCo(Task):
             raise ValueError(
                 f"need 0 <= model.base_momentum <= model.final_momentum <= 1, got {base_momentum} and {final_momentum}"
             )
-        self.backbone = create_backbone(backbone, num_classes=0, pretrained=pretrained, **dict(backbone_kwargs or {}))
-        self.projector = ProjectionHead(
-            self.backbone.num_features, proj_hidden_dim, proj_dim, proj_layers, batch_norm=proj_batch_norm
-        )
-        self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.model = SSLEncoder(backbone, backbone_kwargs, pretrained, proj_hidden_dim, proj_dim, proj_layers,
+                                proj_batch_norm)
+        self.key_model = copy.deepcopy(self.model).requires_grad_(False)
         self.temperature = temperature
         self.queue_size = queue_size
         self.base_momentum = base_momentum
@@ -96,23 +93,24 @@ class MoCo(Task):
         self.total_steps: int | None = None
 
     # ----------------------------------------------------------------- model
+    def optimized_module(self) -> torch.nn.Module:
+        return self.model
+
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """The representation: pooled features of the query backbone ``(B, num_features)``."""
-        return self.backbone(image)
+        return self.model.embed(image)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(image))
+        return self.model(image)
 
     @torch.no_grad()
     def keys(self, image: torch.Tensor) -> torch.Tensor:
         """L2-normalised keys from the momentum encoder (no gradient)."""
-        return F.normalize(self.key_projector(self.key_backbone(image)), dim=1)
+        return F.normalize(self.key_model(image), dim=1)
 
     def query_params(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
-        pairs = []
-        for q_mod, k_mod in ((self.backbone, self.key_backbone), (self.projector, self.key_projector)):
-            pairs += list(zip(q_mod.parameters(), k_mod.parameters()))
-        return pairs
+        """(query, key) parameter pairs of ``model`` and ``key_model``."""
+        return list(zip(self.model.parameters(), self.key_model.parameters()))
 
     # ------------------------------------------------------------- momentum
     def current_momentum(self) -> float:
@@ -166,8 +164,8 @@ class MoCo(Task):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
             batch_size = getattr(self.trainer.datamodule, "batch_size", None)
-            if batch_size:
-                self.check_queue_size(int(batch_size), self.trainer.world_size)
+            if batch_size:  # keys come from the data-parallel ranks (a tensor-parallel group shares its batch)
+                self.check_queue_size(int(batch_size), self.data_parallel_size())
 
     def on_fit_start(self) -> None:
         self.total_steps = int(self.trainer.estimated_stepping_batches)
@@ -175,8 +173,8 @@ class MoCo(Task):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         v1, v2 = batch["view1"], batch["view2"]
         n = v1.shape[0]
-        h = self.backbone(torch.cat([v1, v2]) if self.symmetric else v1)
-        q = self.projector(h)
+        h = self.model.backbone(torch.cat([v1, v2]) if self.symmetric else v1)
+        q = self.model.projector(h)
         k2 = self.keys(v2)
         queue = self.queue.clone()  # enqueued below, before backward needs it
         loss = moco_loss(q[:n], k2, queue, self.temperature)
@@ -192,6 +190,6 @@ class MoCo(Task):
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
         if "view1" in batch:  # a loss against the current queue; the queue is left as it is
-            q = self.projector(self.backbone(batch["view1"]))
+            q = self.model(batch["view1"])
             loss = moco_loss(q, self.keys(batch["view2"]), self.queue, self.temperature)
             self.log(f"{split}/loss", loss, batch_size=q.shape[0], sync_dist=True)

@@ -7,13 +7,14 @@ from typing import Any
 import torch
 
 from mm_lightning.losses.contrastive import nt_xent_loss
-from mm_lightning.models.heads import ProjectionHead
-from mm_lightning.models.vision import create_backbone
+from mm_lightning.models.ssl import SSLEncoder
 from mm_lightning.tasks.base import Task
 
 
 class SimCLR(Task):
     """SimCLR (Chen et al. 2020): ``z = g(f(x))``, NT-Xent between the two views of each sample.
+
+    The network ``f``, ``g`` is :class:`mm_lightning.models.ssl.SSLEncoder` (``task.model``).
 
     Batches come from :class:`~mm_lightning.data.samples.TwoViewPipeline` (``view1``, ``view2``;
     ``label`` is ignored by the loss). The representation is the backbone's pooled features
@@ -55,24 +56,25 @@ class SimCLR(Task):
         self.save_hyperparameters()
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
-        self.backbone = create_backbone(backbone, num_classes=0, pretrained=pretrained, **dict(backbone_kwargs or {}))
-        self.projector = ProjectionHead(
-            self.backbone.num_features, proj_hidden_dim, proj_dim, proj_layers, batch_norm=proj_batch_norm
-        )
+        self.model = SSLEncoder(backbone, backbone_kwargs, pretrained, proj_hidden_dim, proj_dim, proj_layers,
+                                proj_batch_norm)
         self.temperature = temperature
         self.gather = gather
 
+    def optimized_module(self) -> torch.nn.Module:
+        return self.model
+
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """The representation: pooled backbone features ``(B, num_features)``."""
-        return self.backbone(image)
+        return self.model.embed(image)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(image))
+        return self.model(image)
 
     def _loss(self, batch: dict[str, Any], gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
         v1, v2 = batch["view1"], batch["view2"]
-        h = self.backbone(torch.cat([v1, v2]))  # one pass: BatchNorm sees both views, as in SimCLR
-        z1, z2 = self.projector(h).chunk(2)
+        h = self.model.backbone(torch.cat([v1, v2]))  # one pass: BatchNorm sees both views, as in SimCLR
+        z1, z2 = self.model.projector(h).chunk(2)
         return nt_xent_loss(z1, z2, self.temperature, gather=gather), h[: v1.shape[0]]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
