@@ -3,8 +3,8 @@
 The image is built once per module from this checkout (``tests/container_image.py`` installs
 podman, builds the local base once per machine and mounts pip's configuration into the build),
 then it prints ``fit --help`` and trains the main job for one epoch as its non-root user, with
-the shards mounted read-only and the run directory mounted writable. The test at the top checks
-the read-only-shards rule on the host, without a container.
+the shards mounted read-only and the run directory mounted writable. The two tests at the top
+check the read-only-shards rules on the host, without a container.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from tests import container_image as ci
-from tests.conftest import REPO
 
 WORKDIR = "/workspace/mm-lightning"
 IMAGE_PREFIX = "localhost/mm-lightning-test"
@@ -77,7 +77,7 @@ def container_test(test):
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
+def image() -> Iterator[str]:
     """The image built from this checkout on the local base; removed by name afterwards (also after a failure)."""
     try:
         base = ci.start_or_skip()
