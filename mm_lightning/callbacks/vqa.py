@@ -9,6 +9,7 @@ number words). Logged at the end of the epoch, summed over ranks:
 
 - ``{split}/vqa_exact_match``: the fraction answered exactly, over all questions;
 - ``{split}/vqa_exact_match/<type>``: the same per question type (shape, colour, count, size, position);
+- ``{split}/vqa_questions``: how many questions were answered (all ranks);
 - with a W&B logger, a table ``{split}/vqa_examples`` of image, question, reference and prediction.
 
 ``predict`` writes one JSON line per question (key, type, question, reference, prediction and,
@@ -103,7 +104,8 @@ class VQAEvaluation(L.Callback):
         self._log(trainer, pl_module, "test")
 
     def scores(self, trainer: L.Trainer | None = None, device: torch.device | None = None) -> dict[str, float]:
-        """``{"all": ..., "<type>": ...}`` exact match so far, summed over ranks when ``trainer`` is given."""
+        """``{"all": ..., "<type>": ..., "count": questions}`` exact match so far, summed over ranks when ``trainer``
+        is given."""
         from mm_lightning.data.synthetic import QUESTION_TYPES
 
         names = list(QUESTION_TYPES) + sorted(set(self.total) - set(QUESTION_TYPES) - {"unknown"}) + ["unknown"]
@@ -114,6 +116,7 @@ class VQAEvaluation(L.Callback):
         correct, total = counts[:, 0].sum().item(), counts[:, 1].sum().item()
         if total:
             out["all"] = correct / total
+            out["count"] = total
         for name, (c, t) in zip(names, counts.tolist()):
             if t:
                 out[name] = c / t
@@ -124,6 +127,7 @@ class VQAEvaluation(L.Callback):
         if not scores:
             return
         pl_module.log(f"{split}/vqa_exact_match", scores.pop("all"), prog_bar=split == "val", sync_dist=False)
+        pl_module.log(f"{split}/vqa_questions", float(scores.pop("count")), sync_dist=False)
         for name, value in scores.items():
             pl_module.log(f"{split}/vqa_exact_match/{name}", value, sync_dist=False)
         self._log_table(trainer, split)

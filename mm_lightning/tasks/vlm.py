@@ -30,6 +30,7 @@ generation. It is not saved in the hyper-parameters (only its ``path``, as ``tok
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -57,6 +58,8 @@ SHAPES_LM: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Frozen parts stay in eval mode on purpose (see VisionLanguageTask.train); Lightning's notice about it is noise here.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -257,7 +260,9 @@ class VisionLanguageTask(Task):
             task_type="CAUSAL_LM",
         )
         try:
-            self.model.lm = get_peft_model(self.model.lm, config)
+            with warnings.catch_warnings():  # peft 0.21 still asks transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                self.model.lm = get_peft_model(self.model.lm, config)
         except ValueError as err:
             raise ValueError(f"model.lora_target_modules {list(targets)}: {err}") from None
 
