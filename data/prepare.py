@@ -1,4 +1,4 @@
-"""Write the data sets' WebDataset shards: ``python -m data.prepare {shapes,digits,images,captions,tokenizer} ...``.
+"""Write the data sets' WebDataset shards: ``python -m data.prepare {shapes,digits,images,captions,conversations,tokenizer} ...``.
 
 * ``shapes``: the procedural shapes world (:mod:`mm_lightning.data.synthetic`), every task's default.
 * ``digits``: scikit-learn's handwritten digits (ship with the package; nothing is downloaded).
@@ -6,6 +6,8 @@
 * ``captions``: a ``.jsonl`` or ``.csv`` list of (image path, caption) pairs, written as image-text shards in
   img2dataset's layout (``.jpg``/``.png`` + ``.txt`` + ``.json``) with a BPE ``tokenizer.json`` for CLIP.
 * ``tokenizer``: a BPE ``tokenizer.json`` trained on the captions of existing shards (yours, img2dataset's).
+* ``conversations``: a LLaVA-format ``.json`` list of ``{"id", "image", "conversations"}`` and its image folder,
+  written as instruction shards (image + ``.json``) with a chat tokenizer (:mod:`data.conversations`).
 
 Each writes ``{name}-{split}-000000.tar ...`` into one directory, with ``sizes.json`` (samples per
 shard) and ``manifest.json`` (name, classes, image size, seed, and per split its sample count,
@@ -562,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-key", default=None, help="caption column (default: caption, title or text)")
     p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary of tokenizer.json (default: %(default)s)")
     p.set_defaults(run=_run_captions)
+
+    from data import conversations
+
+    p = sub.add_parser("conversations", help="a LLaVA-format .json and its images: instruction shards for the MLLM")
+    _common(p, None)
+    conversations.add_arguments(p)
+    p.set_defaults(run=conversations.run)
 
     p = sub.add_parser("tokenizer", help="train a BPE tokenizer.json on the captions (.txt) of existing shards")
     p.add_argument("--shards", required=True, help="training shards (directory, glob or brace pattern)")

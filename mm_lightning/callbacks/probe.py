@@ -41,11 +41,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mm_lightning.distributed import all_gather_no_grad, is_distributed
+from mm_lightning.distributed import all_gather_no_grad, all_reduce_sum, is_distributed
 
 
 class MissingLabelsError(KeyError):
@@ -433,7 +432,5 @@ class Probe(L.Callback):
 
 def _global_ratio(correct: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
     """``correct / total`` summed over ranks (validation shards differ in size across ranks)."""
-    counts = torch.tensor([float(correct), float(total)], device=device)
-    if is_distributed():
-        dist.all_reduce(counts)
+    counts = all_reduce_sum(torch.tensor([float(correct), float(total)], device=device))
     return counts[0] / counts[1].clamp_min(1.0)

@@ -20,28 +20,15 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
-from mm_lightning.distributed import is_distributed, rank, world_size
+from mm_lightning.distributed import gather_uneven, is_distributed, rank
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate 2-d tensors over ranks along dim 0 when ranks hold different numbers of rows
-    (evaluation shards split unevenly); a rank with no rows passes a ``(0, 0)`` tensor. No gradient."""
-    if not is_distributed():
-        return x
-    shape = torch.tensor(list(x.shape), device=x.device, dtype=torch.long)
-    shapes = [torch.zeros_like(shape) for _ in range(world_size())]
-    dist.all_gather(shapes, shape)
-    rows = [int(s[0]) for s in shapes]
-    width = max(int(s[1]) for s in shapes)
-    padded = torch.zeros(max(rows + [1]), width, dtype=x.dtype, device=x.device)
-    if x.shape[0]:
-        padded[: x.shape[0]] = x
-    out = [torch.empty_like(padded) for _ in range(world_size())]
-    dist.all_gather(out, padded.contiguous())
-    return torch.cat([o[:n] for o, n in zip(out, rows)], dim=0)
+    """Concatenate 2-d tensors over the data-parallel ranks along dim 0 when ranks hold different numbers of
+    rows (evaluation shards split unevenly); a rank with no rows passes a ``(0, 0)`` tensor. No gradient."""
+    return gather_uneven(x)
 
 
 def caption_groups(input_ids: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from mm_lightning.distributed import is_distributed
+from mm_lightning.distributed import all_reduce_sum
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}",
@@ -122,9 +121,7 @@ class ZeroShotClassification(L.Callback):
     def _finish(self, pl_module: L.LightningModule, split: str) -> None:
         if self.total is None:
             return
-        counts = torch.stack([self.correct[1], self.correct[5], self.total])
-        if is_distributed():
-            dist.all_reduce(counts)
+        counts = all_reduce_sum(torch.stack([self.correct[1], self.correct[5], self.total]))
         if int(counts[2]) == 0:
             rank_zero_warn(f"ZeroShotClassification: no labelled {split} samples (label >= 0); nothing to log")
             return

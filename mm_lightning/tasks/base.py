@@ -172,15 +172,20 @@ class Task(L.LightningModule):
         checkpointing, compile, then FSDP2 over the ``data_parallel`` axis. Under any other strategy:
         activation checkpointing and compile. Subclasses that override this call ``super().configure_model()``.
         """
+        from mm_lightning import distributed
+
+        strategy = self._model_parallel_strategy()
+        # losses and evaluation callbacks gather over the data-parallel ranks only (see mm_lightning.distributed)
+        mesh = getattr(strategy, "_device_mesh", None)
+        distributed.set_data_parallel_group(mesh["data_parallel"].get_group() if mesh is not None else None)
         if self._model_configured:  # Lightning calls this hook again for each trainer.fit/test/...
             return
         self._model_configured = True
-        if not (self.activation_checkpointing or self.torch_compile or self._model_parallel_strategy() is not None):
+        if not (self.activation_checkpointing or self.torch_compile or strategy is not None):
             return
         from mm_lightning import parallel
 
         blocks = self.transformer_blocks()
-        strategy = self._model_parallel_strategy()
         if strategy is not None:
             parallel.parallelize_task(
                 self,
@@ -203,6 +208,16 @@ class Task(L.LightningModule):
             blocks = parallel.apply_activation_checkpointing(blocks)
         if self.torch_compile:
             parallel.compile_modules(blocks or [self.optimized_module()])
+
+    def data_parallel_size(self) -> int:
+        """Ranks that read different data: the trainer's world size divided by the model-parallel degree."""
+        trainer = self._trainer
+        if trainer is None:
+            return 1
+        try:
+            return int((trainer.strategy.distributed_sampler_kwargs or {}).get("num_replicas", trainer.world_size))
+        except (AttributeError, RuntimeError, AssertionError):
+            return trainer.world_size
 
     def _model_parallel_strategy(self) -> Any:
         from lightning.pytorch.strategies import ModelParallelStrategy

@@ -164,8 +164,8 @@ class MoCo(Task):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
             batch_size = getattr(self.trainer.datamodule, "batch_size", None)
-            if batch_size:
-                self.check_queue_size(int(batch_size), self.trainer.world_size)
+            if batch_size:  # keys come from the data-parallel ranks (a tensor-parallel group shares its batch)
+                self.check_queue_size(int(batch_size), self.data_parallel_size())
 
     def on_fit_start(self) -> None:
         self.total_steps = int(self.trainer.estimated_stepping_batches)

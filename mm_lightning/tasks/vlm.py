@@ -37,6 +37,7 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info
 
 from mm_lightning.checkpoint import load_checkpoint, state_dict_of
+from mm_lightning.data.tokenizer import Tokenizer
 from mm_lightning.models.connectors import ConnectorKind
 from mm_lightning.models.vision import create_backbone
 from mm_lightning.models.vlm import VisionLanguageModel, build_lm, build_vlm, decoder_layers
@@ -153,7 +154,7 @@ class VisionLanguageTask(Task):
 
     def __init__(
         self,
-        tokenizer: Any = None,
+        tokenizer: Tokenizer | None = None,
         stage: Stage = "instruct",
         vision: str = "vit_tiny_patch16_224",
         vision_kwargs: dict[str, Any] | None = None,
@@ -217,6 +218,11 @@ class VisionLanguageTask(Task):
             "lm": stage != "align" if train_lm is None else train_lm,
         }
         self.configure_trainable()
+
+    @property
+    def num_image_tokens(self) -> int:
+        """``<image>`` tokens per image in the text: the connector's (``experiments.run`` links it into the pipeline)."""
+        return self.model.num_image_tokens
 
     # ----------------------------------------------------------------- building
     @staticmethod
