@@ -417,15 +417,20 @@ def _lock(directory: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _tokenizer_missing(directory: str | os.PathLike) -> bool:
+    """Whether a complete data set has training captions but no ``tokenizer.json``."""
+    manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    return (not (Path(directory) / TOKENIZER_FILE).is_file() and "txt" in (manifest.get("members") or [])
+            and bool((manifest.get("splits") or {}).get("train")))
+
+
 def ensure_tokenizer(directory: str | os.PathLike) -> bool:
     """Train ``tokenizer.json`` from the training captions of a complete data set that has captions but no tokenizer."""
-    path = Path(directory) / TOKENIZER_FILE
-    manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
-    train = (manifest.get("splits") or {}).get("train")
-    if path.is_file() or "txt" not in (manifest.get("members") or []) or not train:
+    if not _tokenizer_missing(directory):
         return False
-    shards = [str(Path(directory) / name) for name in braceexpand.braceexpand(train["pattern"])]
-    train_tokenizer_from_shards(shards, path)
+    manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    shards = [str(Path(directory) / name) for name in braceexpand.braceexpand(manifest["splits"]["train"]["pattern"])]
+    train_tokenizer_from_shards(shards, Path(directory) / TOKENIZER_FILE)
     return True
 
 
@@ -433,6 +438,15 @@ def _stale(directory: str) -> bool:
     """Whether built-in shapes shards were written by an older version of the shapes generator."""
     manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
     return manifest.get("generator") == "mm_lightning.data.synthetic" and manifest.get("generator_version") != synthetic.VERSION
+
+
+def pending_builtin(spec: str | Sequence[str]) -> list[str]:
+    """The built-in data set directories ``spec`` points into that still need writing (checked without a lock).
+
+    A directory is done when complete, written by the current generator and, with captions, tokenized.
+    """
+    return [key for key in builtin_locations(spec)
+            if not (is_prepared(key) and not _stale(key) and not _tokenizer_missing(key))]
 
 
 def ensure_builtin(spec: str | Sequence[str]) -> bool:
@@ -444,7 +458,7 @@ def ensure_builtin(spec: str | Sequence[str]) -> bool:
     regenerated.
     """
     generated = False
-    for key in builtin_locations(spec):
+    for key in pending_builtin(spec):  # complete ones are only read: no lock file (a read-only volume works)
         with _lock(key):
             if is_prepared(key) and not _stale(key):
                 ensure_tokenizer(key)  # shards written before tokenizer.json existed

@@ -61,14 +61,21 @@ def _file_lock(path: Path):
 
 
 def prepare_builtin_data(specs: list[Any]) -> None:
-    """Write the built-in data sets (shapes, digits) on first use when a config points at them."""
-    from data.prepare import ensure_builtin  # repo-level package: only the runner uses it
+    """Write the built-in data sets (shapes, digits) on first use when a config points at them.
+
+    Complete ones are only read (no lock file, nothing written), so a read-only shards volume works.
+    """
+    from data.prepare import ensure_builtin, pending_builtin  # repo-level package: only the runner uses it
 
     for spec in specs:
-        if spec is None:
+        if spec is None or not pending_builtin(spec):
             continue
-        with _file_lock(Path("data/shards/.prepare.lock")):  # ranks started together prepare once
-            ensure_builtin(spec)
+        try:
+            with _file_lock(Path("data/shards/.prepare.lock")):  # ranks started together prepare once
+                ensure_builtin(spec)
+        except OSError as err:  # e.g. a read-only shards volume without the data set
+            raise UsageError(f"{spec}: the built-in data set is missing and cannot be written ({err.strerror}: "
+                             f"{err.filename}); write it first (python -m data.prepare) or make data/shards writable") from None
 
 
 class MMLightningCLI(LightningCLI):
