@@ -109,31 +109,30 @@ class VQAEvaluation(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer, pl_module, "test")
 
-    def scores(self, trainer: L.Trainer | None = None, device: torch.device | None = None) -> dict[str, float]:
-        """``{"all": ..., "<type>": ..., "count": questions}`` exact match so far, summed over ranks when ``trainer``
-        is given."""
+    def scores(self, trainer: L.Trainer | None = None, device: torch.device | None = None) -> tuple[int, dict[str, float]]:
+        """``(questions, {"all": exact match, "<type>": exact match, ...})`` so far, summed over ranks when
+        ``trainer`` is given (``{}`` before any question)."""
         from mm_lightning.data.synthetic import QUESTION_TYPES
 
         names = list(QUESTION_TYPES) + sorted(set(self.total) - set(QUESTION_TYPES) - {"unknown"}) + ["unknown"]
         counts = torch.tensor([[self.correct[n], self.total[n]] for n in names], dtype=torch.float64, device=device)
         if trainer is not None and trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        out: dict[str, float] = {}
         correct, total = counts[:, 0].sum().item(), counts[:, 1].sum().item()
-        if total:
-            out["all"] = correct / total
-            out["count"] = total
+        if not total:
+            return 0, {}
+        out = {"all": correct / total}
         for name, (c, t) in zip(names, counts.tolist()):
             if t:
                 out[name] = c / t
-        return out
+        return int(total), out
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
-        scores = self.scores(trainer, pl_module.device)
-        if not scores:
+        questions, scores = self.scores(trainer, pl_module.device)
+        if not questions:
             return
         pl_module.log(f"{split}/{self.metric}", scores.pop("all"), prog_bar=split == "val", sync_dist=False)
-        pl_module.log(f"{split}/vqa_questions", float(scores.pop("count")), sync_dist=False)
+        pl_module.log(f"{split}/vqa_questions", float(questions), sync_dist=False)
         for name, value in scores.items():
             pl_module.log(f"{split}/{self.metric}/{name}", value, sync_dist=False)
         self._log_table(trainer, split)
