@@ -43,6 +43,12 @@ class VQAEvaluation(L.Callback):
         during_sanity_check: also answer during Lightning's sanity check (off: it only costs time).
     """
 
+    #: the task method that answers (``answer(image, prompt_input_ids, prompt_attention_mask, max_new_tokens)``), the
+    #: metric and the table it logs: a subclass scores another model of the task (the alignment reference)
+    answer_method = "answer"
+    metric = "vqa_exact_match"
+    table = "vqa_examples"
+
     def __init__(
         self,
         num_examples: int = 16,
@@ -65,7 +71,7 @@ class VQAEvaluation(L.Callback):
     def _score_batch(self, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
         if "prompt_input_ids" not in batch or "answers" not in batch:
             return
-        predictions = pl_module.answer(
+        predictions = getattr(pl_module, self.answer_method)(
             batch.get("image"), batch["prompt_input_ids"], batch["prompt_attention_mask"], self.max_new_tokens
         )
         types = batch.get("question_types") or ["unknown"] * len(predictions)
@@ -123,9 +129,9 @@ class VQAEvaluation(L.Callback):
         scores = self.scores(trainer, pl_module.device)
         if not scores:
             return
-        pl_module.log(f"{split}/vqa_exact_match", scores.pop("all"), prog_bar=split == "val", sync_dist=False)
+        pl_module.log(f"{split}/{self.metric}", scores.pop("all"), prog_bar=split == "val", sync_dist=False)
         for name, value in scores.items():
-            pl_module.log(f"{split}/vqa_exact_match/{name}", value, sync_dist=False)
+            pl_module.log(f"{split}/{self.metric}/{name}", value, sync_dist=False)
         self._log_table(trainer, split)
 
     def _log_table(self, trainer: L.Trainer, split: str) -> None:
@@ -144,7 +150,7 @@ class VQAEvaluation(L.Callback):
                 picture = wandb.Image(((image - low) / (high - low + 1e-8)).permute(1, 2, 0).numpy())
             rows.append([picture, qtype, question, reference, prediction, ok])
         for logger in loggers:
-            logger.log_table(key=f"{split}/vqa_examples",
+            logger.log_table(key=f"{split}/{self.table}",
                              columns=["image", "type", "question", "reference", "prediction", "correct"], data=rows)
 
     # ---------------------------------------------------------------------- predict

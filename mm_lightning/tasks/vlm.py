@@ -376,10 +376,13 @@ class VisionLanguageTask(Task):
         prompt_input_ids: torch.Tensor,
         prompt_attention_mask: torch.Tensor,
         max_new_tokens: int | None = None,
+        model: VisionLanguageModel | None = None,
     ) -> list[str]:
-        """Greedy answers (decoded text, up to the end-of-turn token) to left-padded prompts."""
+        """Greedy answers (decoded text, up to the end-of-turn token) to left-padded prompts.
+
+        ``model`` answers instead of ``self.model`` when given (an alignment task's frozen reference)."""
         eot = self.tokenizer.end_of_turn_id
-        new = self.model.generate(
+        new = (model if model is not None else self.model).generate(
             image if self.stage != "lm" else None,
             prompt_input_ids,
             prompt_attention_mask,
