@@ -227,6 +227,11 @@ class VisionLanguageTask(Task):
         """``<image>`` tokens per image in the text: the connector's (``experiments.run`` links it into the pipeline)."""
         return self.model.num_image_tokens
 
+    def model_spec(self) -> None:
+        """No spec for :func:`mm_lightning.models.load_model` (which has no VisionLanguageModel builder): the MLLM is
+        rebuilt from its checkpoint's hyper-parameters by :meth:`from_checkpoint`. Without this, every save raised."""
+        return None
+
     # ----------------------------------------------------------------- building
     @staticmethod
     def _quantized_lm(lm: dict[str, Any] | str | None) -> nn.Module:
