@@ -8,6 +8,8 @@
 * ``tokenizer``: a BPE ``tokenizer.json`` trained on the captions of existing shards (yours, img2dataset's).
 * ``conversations``: a LLaVA-format ``.json`` list of ``{"id", "image", "conversations"}`` and its image folder,
   written as instruction shards (image + ``.json``) with a chat tokenizer (:mod:`data.conversations`).
+* ``preferences``: a ``.jsonl`` of ``{"image", "prompt", "chosen", "rejected"}`` rows and its image folder, written
+  as preference shards (image + ``.json``) with a chat tokenizer (:mod:`data.preferences`).
 
 Each writes ``{name}-{split}-000000.tar ...`` into one directory, with ``sizes.json`` (samples per
 shard) and ``manifest.json`` (name, classes, image size, seed, and per split its sample count,
@@ -593,6 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair (default: %(default)s)")
     p.add_argument("--caption-key", default="txt", help="caption member of a sample (default: %(default)s)")
     p.set_defaults(run=_run_tokenizer)
+
+    from data import preferences
+
+    p = sub.add_parser("preferences", help="a .jsonl of {image, prompt, chosen, rejected} rows: preference shards")
+    _common(p, None)
+    preferences.add_arguments(p)
+    p.set_defaults(run=preferences.run)
     return parser
 
 

@@ -22,8 +22,8 @@ metrics (flat, as ``experiments.run`` writes them) and each stage's metrics unde
 with ``stage_wall_time_s`` (the stage's process, start-up and test included) and
 ``recipe_wall_time_s`` (the stages run by this call).
 
-``--override NAME:FLAG`` adds a flag to stage NAME (repeatable), e.g.
-``--override instruct:--model.init_args.lora_r=8``.
+``--override NAME:FLAG`` adds a flag to stage NAME (``*``: every stage; repeatable), e.g.
+``--override instruct:--model.init_args.lora_r=8`` or ``--override '*:--logger=csv'``.
 """
 
 from __future__ import annotations
@@ -185,9 +185,10 @@ def parse_overrides(items: list[str], names: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {n: [] for n in names}
     for item in items:
         name, sep, flag = item.partition(":")
-        if not sep or name not in out or not flag.startswith("--"):
-            raise RecipeError(f"--override {item!r}: expected NAME:--flag=value with NAME one of {', '.join(names)}")
-        out[name].append(flag)
+        if not sep or (name not in out and name != "*") or not flag.startswith("--"):
+            raise RecipeError(f"--override {item!r}: expected NAME:--flag=value with NAME one of {', '.join(names)} or *")
+        for target in names if name == "*" else [name]:
+            out[target].append(flag)
     return out
 
 
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("recipe", help="the recipe YAML (experiments/recipes/*.yaml)")
     parser.add_argument("--out", required=True, help="directory of the recipe's runs (one sub-directory per stage)")
     parser.add_argument("--override", action="append", default=[], metavar="NAME:FLAG",
-                        help="an extra flag for stage NAME, e.g. instruct:--model.init_args.lora_r=8 (repeatable)")
+                        help="an extra flag for stage NAME (* for every stage), e.g. instruct:--model.init_args.lora_r=8 (repeatable)")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe)
     stages = recipe["stages"]

@@ -9,6 +9,7 @@ number words). Logged at the end of the epoch, summed over ranks:
 
 - ``{split}/vqa_exact_match``: the fraction answered exactly, over all questions;
 - ``{split}/vqa_exact_match/<type>``: the same per question type (shape, colour, count, size, position);
+- ``{split}/vqa_questions``: how many questions were answered (all ranks);
 - with a W&B logger, a table ``{split}/vqa_examples`` of image, question, reference and prediction.
 
 ``predict`` writes one JSON line per question (key, type, question, reference, prediction and,
@@ -43,6 +44,12 @@ class VQAEvaluation(L.Callback):
         during_sanity_check: also answer during Lightning's sanity check (off: it only costs time).
     """
 
+    #: the task method that answers (``answer(image, prompt_input_ids, prompt_attention_mask, max_new_tokens)``), the
+    #: metric and the table it logs: a subclass scores another model of the task (the alignment reference)
+    answer_method = "answer"
+    metric = "vqa_exact_match"
+    table = "vqa_examples"
+
     def __init__(
         self,
         num_examples: int = 16,
@@ -65,7 +72,7 @@ class VQAEvaluation(L.Callback):
     def _score_batch(self, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
         if "prompt_input_ids" not in batch or "answers" not in batch:
             return
-        predictions = pl_module.answer(
+        predictions = getattr(pl_module, self.answer_method)(
             batch.get("image"), batch["prompt_input_ids"], batch["prompt_attention_mask"], self.max_new_tokens
         )
         types = batch.get("question_types") or ["unknown"] * len(predictions)
@@ -102,30 +109,32 @@ class VQAEvaluation(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer, pl_module, "test")
 
-    def scores(self, trainer: L.Trainer | None = None, device: torch.device | None = None) -> dict[str, float]:
-        """``{"all": ..., "<type>": ...}`` exact match so far, summed over ranks when ``trainer`` is given."""
+    def scores(self, trainer: L.Trainer | None = None, device: torch.device | None = None) -> tuple[int, dict[str, float]]:
+        """``(questions, {"all": exact match, "<type>": exact match, ...})`` so far, summed over ranks when
+        ``trainer`` is given (``{}`` before any question)."""
         from mm_lightning.data.synthetic import QUESTION_TYPES
 
         names = list(QUESTION_TYPES) + sorted(set(self.total) - set(QUESTION_TYPES) - {"unknown"}) + ["unknown"]
         counts = torch.tensor([[self.correct[n], self.total[n]] for n in names], dtype=torch.float64, device=device)
         if trainer is not None and trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        out: dict[str, float] = {}
         correct, total = counts[:, 0].sum().item(), counts[:, 1].sum().item()
-        if total:
-            out["all"] = correct / total
+        if not total:
+            return 0, {}
+        out = {"all": correct / total}
         for name, (c, t) in zip(names, counts.tolist()):
             if t:
                 out[name] = c / t
-        return out
+        return int(total), out
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
-        scores = self.scores(trainer, pl_module.device)
-        if not scores:
+        questions, scores = self.scores(trainer, pl_module.device)
+        if not questions:
             return
-        pl_module.log(f"{split}/vqa_exact_match", scores.pop("all"), prog_bar=split == "val", sync_dist=False)
+        pl_module.log(f"{split}/{self.metric}", scores.pop("all"), prog_bar=split == "val", sync_dist=False)
+        pl_module.log(f"{split}/vqa_questions", float(questions), sync_dist=False)
         for name, value in scores.items():
-            pl_module.log(f"{split}/vqa_exact_match/{name}", value, sync_dist=False)
+            pl_module.log(f"{split}/{self.metric}/{name}", value, sync_dist=False)
         self._log_table(trainer, split)
 
     def _log_table(self, trainer: L.Trainer, split: str) -> None:
@@ -144,7 +153,7 @@ class VQAEvaluation(L.Callback):
                 picture = wandb.Image(((image - low) / (high - low + 1e-8)).permute(1, 2, 0).numpy())
             rows.append([picture, qtype, question, reference, prediction, ok])
         for logger in loggers:
-            logger.log_table(key=f"{split}/vqa_examples",
+            logger.log_table(key=f"{split}/{self.table}",
                              columns=["image", "type", "question", "reference", "prediction", "correct"], data=rows)
 
     # ---------------------------------------------------------------------- predict

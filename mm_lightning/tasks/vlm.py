@@ -30,6 +30,7 @@ generation. It is not saved in the hyper-parameters (only its ``path``, as ``tok
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -57,6 +58,8 @@ SHAPES_LM: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Frozen parts stay in eval mode on purpose (see VisionLanguageTask.train); Lightning's notice about it is noise here.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -224,6 +227,11 @@ class VisionLanguageTask(Task):
         """``<image>`` tokens per image in the text: the connector's (``experiments.run`` links it into the pipeline)."""
         return self.model.num_image_tokens
 
+    def model_spec(self) -> None:
+        """No spec for :func:`mm_lightning.models.load_model` (which has no VisionLanguageModel builder): the MLLM is
+        rebuilt from its checkpoint's hyper-parameters by :meth:`from_checkpoint`. Without this, every save raised."""
+        return None
+
     # ----------------------------------------------------------------- building
     @staticmethod
     def _quantized_lm(lm: dict[str, Any] | str | None) -> nn.Module:
@@ -257,7 +265,9 @@ class VisionLanguageTask(Task):
             task_type="CAUSAL_LM",
         )
         try:
-            self.model.lm = get_peft_model(self.model.lm, config)
+            with warnings.catch_warnings():  # peft 0.21 still asks transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                self.model.lm = get_peft_model(self.model.lm, config)
         except ValueError as err:
             raise ValueError(f"model.lora_target_modules {list(targets)}: {err}") from None
 
@@ -376,10 +386,13 @@ class VisionLanguageTask(Task):
         prompt_input_ids: torch.Tensor,
         prompt_attention_mask: torch.Tensor,
         max_new_tokens: int | None = None,
+        model: VisionLanguageModel | None = None,
     ) -> list[str]:
-        """Greedy answers (decoded text, up to the end-of-turn token) to left-padded prompts."""
+        """Greedy answers (decoded text, up to the end-of-turn token) to left-padded prompts.
+
+        ``model`` answers instead of ``self.model`` when given (an alignment task's frozen reference)."""
         eot = self.tokenizer.end_of_turn_id
-        new = self.model.generate(
+        new = (model if model is not None else self.model).generate(
             image if self.stage != "lm" else None,
             prompt_input_ids,
             prompt_attention_mask,
