@@ -20,9 +20,8 @@ from typing import Any
 import yaml
 
 
-class AskError(SystemExit):
-    def __init__(self, message: str) -> None:
-        super().__init__(f"error: {message}")
+class AskError(Exception):
+    """A missing file or a checkpoint of another kind: ``main`` prints it in one line and exits with status 2."""
 
 
 def run_config(ckpt: str, config: str | None) -> dict[str, Any]:
@@ -95,7 +94,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--config", default=None, help="the run's config.yaml (default: RUN/config.yaml)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the model's)")
     args = parser.parse_args(argv)
-    answer = ask(args.ckpt, args.image, args.question, args.tokenizer, args.config, args.max_new_tokens)
+    try:
+        answer = ask(args.ckpt, args.image, args.question, args.tokenizer, args.config, args.max_new_tokens)
+    except (AskError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(answer)
     sys.stdout.flush()
     return answer

@@ -19,8 +19,9 @@ complete stage is skipped on the next call, an interrupted one resumes from its 
 started over; nothing is deleted). A stage whose command changed since it completed is an
 error (remove its directory to rerun it). ``DIR/summary.json`` holds the final stage's
 metrics (flat, as ``experiments.run`` writes them) and each stage's metrics under its name,
-with ``stage_wall_time_s`` (the stage's process, start-up and test included) and
-``recipe_wall_time_s`` (the stages run by this call).
+with ``stage_wall_time_s`` (the stage's process, start-up and test included), ``stage_cpu_time_s``
+(CPU seconds of the stage's processes, data workers included: on a shared machine a measure of the
+work that does not grow with the load) and ``recipe_wall_time_s`` (the stages run by this call).
 
 ``--override NAME:FLAG`` adds a flag to stage NAME (``*``: every stage; repeatable), e.g.
 ``--override instruct:--model.init_args.lora_r=8`` or ``--override '*:--logger=csv'``.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -44,11 +46,8 @@ STAGE_FILE = "stage.json"
 STAGE_KEYS = {"name", "configs", "args", "inputs"}
 
 
-class RecipeError(SystemExit):
-    """A malformed recipe or a failed stage: exit status 2 with a one-line message."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"error: {message}")
+class RecipeError(Exception):
+    """A malformed recipe or a failed stage: ``main`` prints it in one line and exits with status 2."""
 
 
 def load_recipe(path: str) -> dict[str, Any]:
@@ -117,6 +116,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes and their descendants (data workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_stage(stage: dict[str, Any], cmd: list[str], out: Path) -> dict[str, Any]:
     """Run (or resume, or skip) one stage; returns its record (command, summary, wall time)."""
     name = stage["name"]
@@ -141,13 +146,13 @@ def run_stage(stage: dict[str, Any], cmd: list[str], out: Path) -> dict[str, Any
             run_dir.rename(aside)
             print(f"[recipe] stage {name}: an earlier attempt left no checkpoint; moved it to {aside}", flush=True)
     print(f"[recipe] stage {name}: {shlex.join(cmd[1:] + resume)}", flush=True)
-    start = time.monotonic()
+    start, cpu = time.monotonic(), _children_cpu()
     result = subprocess.run(cmd + resume)
-    wall = round(time.monotonic() - start, 1)
+    wall, cpu = round(time.monotonic() - start, 1), round(_children_cpu() - cpu, 1)
     if result.returncode != 0:
         raise RecipeError(f"stage {name} failed (exit status {result.returncode}) after {wall} s; rerun the recipe to resume it")
     summary = _read_json(run_dir / "summary.json")
-    record = {"command": cmd[1:], "summary": summary, "stage_wall_time_s": wall}
+    record = {"command": cmd[1:], "summary": summary, "stage_wall_time_s": wall, "stage_cpu_time_s": cpu}
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, marker)
@@ -160,7 +165,8 @@ def write_summary(out: Path, stages: list[dict[str, Any]], records: dict[str, di
     summary: dict[str, Any] = dict(records[final].get("summary") or {})
     for stage in stages:
         record = records[stage["name"]]
-        summary[stage["name"]] = {**(record.get("summary") or {}), "stage_wall_time_s": record.get("stage_wall_time_s")}
+        summary[stage["name"]] = {**(record.get("summary") or {}), "stage_wall_time_s": record.get("stage_wall_time_s"),
+                                  "stage_cpu_time_s": record.get("stage_cpu_time_s")}
     summary["recipe_wall_time_s"] = round(wall, 1)
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
@@ -172,7 +178,8 @@ def print_report(summary: dict[str, Any], stages: list[dict[str, Any]]) -> None:
     print("\n[recipe] stages:")
     for stage in stages:
         s = summary.get(stage["name"]) or {}
-        print(f"  {stage['name']:<10} steps {int(s.get('steps', 0)):>6}  wall {s.get('stage_wall_time_s')} s")
+        print(f"  {stage['name']:<10} steps {int(s.get('steps', 0)):>6}  wall {s.get('stage_wall_time_s')} s"
+              f"  cpu {s.get('stage_cpu_time_s')} s")
     rows = sorted(k for k in summary if isinstance(summary[k], float) and k.startswith("test/"))
     if rows:
         print("[recipe] final stage, test:")
@@ -193,6 +200,14 @@ def parse_overrides(items: list[str], names: list[str]) -> dict[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    try:
+        return _main(argv)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(argv: list[str] | None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m experiments.recipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="the recipe YAML (experiments/recipes/*.yaml)")
     parser.add_argument("--out", required=True, help="directory of the recipe's runs (one sub-directory per stage)")

@@ -68,7 +68,7 @@ def test_mlp_downsample_needs_a_square_grid() -> None:
 
 def test_qformer_queries_start_random_and_distinct() -> None:
     torch.manual_seed(0)
-    conn = QFormer(vision_dim=16, lm_dim=32, num_queries=8, dim=32, depth=2, heads=2)
+    conn = QFormer(vision_dim=16, lm_dim=32, num_visual_tokens=10, num_queries=8, dim=32, depth=2, heads=2)
     std = conn.queries.std().item()
     assert 0.015 < std < 0.025  # normal(0, 0.02), never zeros (zero queries stay identical forever)
     out = conn(torch.randn(2, 10, 16))

@@ -79,6 +79,18 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """MAE's fixed 2-D sine-cosine position code of a ``side x side`` grid, row by row: ``(side**2, dim)``;
+    the first half codes the row, the second the column (``dim`` divisible by 4)."""
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    pos = torch.arange(side, dtype=torch.float32)[:, None] * freqs[None]  # (side, quarter)
+    code = torch.cat([pos.sin(), pos.cos()], dim=1)  # (side, dim / 2)
+    rows = code[:, None, :].expand(side, side, -1)
+    cols = code[None, :, :].expand(side, side, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(side * side, 2 * code.shape[1])
+
+
 class Connector(nn.Module):
     """Base class of the connectors: visual tokens ``(B, Nv, Dv)`` -> what the LM consumes.
 
@@ -116,6 +128,11 @@ class MLPProjector(Connector):
         pool: ``avg`` or ``pixel_shuffle`` (only used when ``downsample > 1``).
         input_norm: LayerNorm on the visual tokens first (useful for towers whose token
             features are not normalised, e.g. timm ViTs pooled through ``fc_norm``).
+        position_embedding: where each image token sits, added to the LM's input: ``none`` (LLaVA),
+            ``learned`` (one learned vector per image token, on the output) or ``sincos`` (MAE's fixed 2-D
+            sine-cosine code of the patch's row and column, on the normalised visual tokens). The LM's rotary
+            positions reach only its attention scores, not the values it reads, and from a 1-D sequence of
+            grid tokens a column is hard to tell (left and right cells interleave row by row).
     """
 
     def __init__(
@@ -127,6 +144,7 @@ class MLPProjector(Connector):
         downsample: int = 1,
         pool: Literal["avg", "pixel_shuffle"] = "avg",
         input_norm: bool = False,
+        position_embedding: Literal["none", "learned", "sincos"] = "none",
     ) -> None:
         super().__init__()
         if downsample < 1:
@@ -148,10 +166,23 @@ class MLPProjector(Connector):
         self.norm = nn.LayerNorm(vision_dim) if input_norm else nn.Identity()
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, lm_dim)
+        if position_embedding not in ("none", "learned", "sincos"):
+            raise ValueError(f"connector position_embedding must be none, learned or sincos, got {position_embedding!r}")
+        if position_embedding == "sincos" and (side * side != num_visual_tokens or vision_dim % 4):
+            raise ValueError("connector position_embedding: sincos needs a square token grid and a width divisible by 4")
+        n = num_visual_tokens // (downsample * downsample)
+        self.pos_embed = nn.Parameter(torch.randn(1, n, lm_dim) * 0.02) if position_embedding == "learned" else None
+        if position_embedding == "sincos":
+            self.register_buffer("grid_code", sincos_2d(side, vision_dim)[None], persistent=False)
+        else:
+            self.grid_code = None
 
     @property
     def num_image_tokens(self) -> int:
         return self.num_visual_tokens // (self.downsample * self.downsample)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"} if self.pos_embed is not None else set()
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, Nv, D)`` -> ``(B, Nv / r^2, D or r^2 D)``: the grid reduction (identity for ``r = 1``)."""
@@ -166,7 +197,11 @@ class MLPProjector(Connector):
         return grid.permute(0, 1, 3, 2, 4, 5).reshape(b, (s // r) ** 2, r * r * d)
 
     def forward(self, visual: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.reduce(self.norm(visual)))))
+        visual = self.norm(visual)
+        if self.grid_code is not None:
+            visual = visual + self.grid_code.to(visual.dtype)
+        out = self.fc2(F.gelu(self.fc1(self.reduce(visual))))
+        return out + self.pos_embed if self.pos_embed is not None else out
 
 
 # ------------------------------------------------------------------------------------- qformer
@@ -199,9 +234,13 @@ class QFormer(Connector):
     Layer ``i`` cross-attends to the (LayerNorm-ed) visual tokens when ``i % cross_every == 0``
     (BLIP-2: every 2nd layer). A LayerNorm and a Linear map the queries to the LM width.
 
+    A learned position embedding per visual token (``visual_pos_embed``) is added to the keys' input,
+    so where a feature sits in the image stays readable whatever the tower kept of its own positions.
+
     Args:
         vision_dim: width of the visual tokens.
         lm_dim: the LM's hidden size.
+        num_visual_tokens: visual tokens per image (for their position embedding).
         num_queries: queries, i.e. image tokens given to the LM.
         dim: width of the Q-Former.
         depth: layers.
@@ -214,6 +253,7 @@ class QFormer(Connector):
         self,
         vision_dim: int,
         lm_dim: int,
+        num_visual_tokens: int,
         num_queries: int = 16,
         dim: int = 128,
         depth: int = 2,
@@ -225,6 +265,7 @@ class QFormer(Connector):
         if num_queries < 1 or depth < 1 or cross_every < 1:
             raise ValueError("connector num_queries, depth and cross_every must be >= 1")
         self.queries = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
+        self.visual_pos_embed = nn.Parameter(torch.randn(1, num_visual_tokens, vision_dim) * 0.02)
         self.visual_norm = nn.LayerNorm(vision_dim)
         self.layers = nn.ModuleList(
             QFormerLayer(dim, heads, vision_dim, cross=i % cross_every == 0, mlp_ratio=mlp_ratio) for i in range(depth)
@@ -236,11 +277,14 @@ class QFormer(Connector):
     def num_image_tokens(self) -> int:
         return self.queries.shape[1]
 
+    def no_weight_decay(self) -> set[str]:
+        return {"queries", "visual_pos_embed"}
+
     def blocks(self) -> list[nn.Module]:
         return list(self.layers)
 
     def forward(self, visual: torch.Tensor) -> torch.Tensor:
-        visual = self.visual_norm(visual)
+        visual = self.visual_norm(visual) + self.visual_pos_embed
         x = self.queries.expand(visual.shape[0], -1, -1)
         for layer in self.layers:
             x = layer(x, visual)

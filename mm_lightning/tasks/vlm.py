@@ -450,6 +450,7 @@ class VisionLanguageTask(Task):
         if not hparams or "state_dict" not in ckpt:
             raise ValueError(f"--ckpt {path!r} is not a checkpoint of {cls.__name__} (no hyper_parameters/state_dict)")
         hparams.pop("tokenizer_path", None)
+        hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's _class_path, ...
         hparams.update(init=None, lm_init=None, vision_init=None, **overrides)
         task = cls(tokenizer=tokenizer, **hparams)
         task.load_state_dict(ckpt["state_dict"])
