@@ -1,10 +1,11 @@
-"""Write the data sets' WebDataset shards: ``python -m data.prepare {shapes,digits,images} ...``.
+"""Write the data sets' WebDataset shards: ``python -m data.prepare {shapes,digits,images,captions,tokenizer} ...``.
 
 * ``shapes``: the procedural shapes world (:mod:`mm_lightning.data.synthetic`), every task's default.
 * ``digits``: scikit-learn's handwritten digits (ship with the package; nothing is downloaded).
 * ``images``: an ImageFolder-style directory (one sub-folder per class) of your own images.
 * ``captions``: a ``.jsonl`` or ``.csv`` list of (image path, caption) pairs, written as image-text shards in
   img2dataset's layout (``.jpg``/``.png`` + ``.txt`` + ``.json``) with a BPE ``tokenizer.json`` for CLIP.
+* ``tokenizer``: a BPE ``tokenizer.json`` trained on the captions of existing shards (yours, img2dataset's).
 
 Each writes ``{name}-{split}-000000.tar ...`` into one directory, with ``sizes.json`` (samples per
 shard) and ``manifest.json`` (name, classes, image size, seed, and per split its sample count,
@@ -33,6 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mm_lightning.data import synthetic
+from mm_lightning.data.chat_tokenizer import CHAT_TOKENIZER_DIR, train_chat_tokenizer_from_shards
 from mm_lightning.data.shards import MANIFEST_FILE, update_sizes, write_manifest, write_shards
 from mm_lightning.data.tokenizer import TOKENIZER_FILE, train_tokenizer_from_shards
 
@@ -106,9 +108,12 @@ def prepare_shapes(out_dir: str | os.PathLike = "data/shards/shapes", train: int
     }
     if splits["train"] is not None:  # CLIP's tokenizer: a byte-level BPE of the training captions
         train_tokenizer_from_shards(sorted(out.glob("shapes-train-[0-9]*.tar")), out / TOKENIZER_FILE)
+        # The multimodal LLM's: case-keeping BPE of captions, questions, answers and preference texts
+        train_chat_tokenizer_from_shards(sorted(out.glob("shapes-train-[0-9]*.tar")), out / CHAT_TOKENIZER_DIR)
     return _finish(out, splits, name="shapes", classes=list(synthetic.CLASS_NAMES), image_size=image_size,
                    seed=seed, members=["png", "cls", "txt", "json"], generator="mm_lightning.data.synthetic",
-                   generator_version=synthetic.VERSION)
+                   generator_version=synthetic.VERSION,
+                   chat_tokenizer=CHAT_TOKENIZER_DIR if splits["train"] is not None else None)
 
 
 def _allocate(sizes: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -448,40 +453,105 @@ def ensure_builtin(spec: str | Sequence[str]) -> bool:
     return generated
 
 
+def prepare_tokenizer(shards: str, out: str | os.PathLike, vocab_size: int = 1000, min_frequency: int = 2,
+                      caption_key: str = "txt") -> dict[str, Any]:
+    """Train a byte-level BPE ``tokenizer.json`` on the ``.{caption_key}`` members of existing shards.
+
+    ``shards`` is a shard specification (directory, glob or brace pattern, as ``data.train`` takes
+    it). Returns ``{"tokenizer": path, "vocab_size": n}``.
+    """
+    from mm_lightning.data.shards import ShardSpecError, list_shards
+    from mm_lightning.data.tokenizer import TextTokenizer
+
+    try:
+        found = list_shards(shards)
+    except ShardSpecError as err:
+        raise ValueError(f"--shards {shards}: {err}") from None
+    path = train_tokenizer_from_shards(found, out, vocab_size, min_frequency, caption_key)
+    return {"tokenizer": str(path), "vocab_size": TextTokenizer(path).vocab_size}
+
+
+# ------------------------------------------------------------------------------- command line
+def _common(p: argparse.ArgumentParser, out: str | None) -> None:
+    """The options every shard-writing command takes."""
+    p.add_argument("--out", required=out is None, default=out, help="output directory (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="split/generation seed (default: %(default)s)")
+    p.add_argument("--samples-per-shard", type=int, default=None,
+                   help="samples per shard (default: min(1000, ceil(n/4)), so each split has >= 4 shards)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _writer_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"out_dir": args.out, "seed": args.seed, "samples_per_shard": args.samples_per_shard,
+            "progress": not args.no_progress}
+
+
+def _print_splits(manifest: dict[str, Any], out: str) -> dict[str, Any]:
+    for split, entry in manifest["splits"].items():
+        print(f"{split}: {entry['num_samples']} samples in {entry['num_shards']} shards: "
+              f"{os.path.join(out, entry['pattern'])}")
+    return manifest
+
+
+def _run_shapes(args: argparse.Namespace) -> dict[str, Any]:
+    return _print_splits(prepare_shapes(train=args.train, val=args.val, test=args.test, image_size=args.image_size,
+                                        **_writer_args(args)), args.out)
+
+
+def _run_digits(args: argparse.Namespace) -> dict[str, Any]:
+    return _print_splits(prepare_digits(image_size=args.image_size, val_fraction=args.val_fraction,
+                                        test_fraction=args.test_fraction, **_writer_args(args)), args.out)
+
+
+def _run_images(args: argparse.Namespace) -> dict[str, Any]:
+    return _print_splits(prepare_images(args.src, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                                        image_size=args.image_size, name=args.name, **_writer_args(args)), args.out)
+
+
+def _run_captions(args: argparse.Namespace) -> dict[str, Any]:
+    return _print_splits(prepare_captions(args.src, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                                          image_size=args.image_size, name=args.name, image_key=args.image_key,
+                                          caption_key=args.caption_key, vocab_size=args.vocab_size,
+                                          **_writer_args(args)), args.out)
+
+
+def _run_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
+    result = prepare_tokenizer(args.shards, args.out, args.vocab_size, args.min_frequency, args.caption_key)
+    print(f"tokenizer ({result['vocab_size']} tokens) written to {result['tokenizer']}")
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m data.prepare`` command line."""
+    """The ``python -m data.prepare`` command line: one sub-command each, run by its ``_run_<name>`` handler."""
     parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, out: str | None) -> None:
-        p.add_argument("--out", required=out is None, default=out, help="output directory (default: %(default)s)")
-        p.add_argument("--seed", type=int, default=0, help="split/generation seed (default: %(default)s)")
-        p.add_argument("--samples-per-shard", type=int, default=None,
-                       help="samples per shard (default: min(1000, ceil(n/4)), so each split has >= 4 shards)")
-        p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-
     p = sub.add_parser("shapes", help="the procedural shapes world")
-    common(p, "data/shards/shapes")
+    _common(p, "data/shards/shapes")
     p.add_argument("--train", type=int, default=10000, help="training samples (default: %(default)s)")
     p.add_argument("--val", type=int, default=1000, help="validation samples (default: %(default)s)")
     p.add_argument("--test", type=int, default=2000, help="test samples (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=32, help="image side in pixels (default: %(default)s)")
+    p.set_defaults(run=_run_shapes)
 
     for cmd in ("digits", "images"):
         p = sub.add_parser(cmd, help="scikit-learn's handwritten digits" if cmd == "digits"
                            else "an ImageFolder-style directory (one sub-folder per class)")
-        common(p, "data/shards/digits" if cmd == "digits" else None)
+        _common(p, "data/shards/digits" if cmd == "digits" else None)
         p.add_argument("--val-fraction", type=float, default=0.1, help="per-class validation share (default: 0.1)")
         p.add_argument("--test-fraction", type=float, default=0.1, help="per-class test share (default: 0.1)")
         if cmd == "digits":
             p.add_argument("--image-size", type=int, default=32, help="image side in pixels (default: %(default)s)")
+            p.set_defaults(run=_run_digits)
         else:
             p.add_argument("--src", required=True, help="directory with one sub-folder of images per class")
             p.add_argument("--image-size", type=int, default=None,
                            help="resize (shorter side) and centre-crop to this size; default: keep the original bytes")
             p.add_argument("--name", default=None, help="shard name prefix (default: the --src folder's name)")
+            p.set_defaults(run=_run_images)
+
     p = sub.add_parser("captions", help="a .jsonl/.csv list of (image path, caption): image-text shards for CLIP")
-    common(p, None)
+    _common(p, None)
     p.add_argument("--src", required=True, help=".jsonl (keys image, caption) or .csv/.tsv (columns image, caption)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="validation share (default: %(default)s)")
     p.add_argument("--test-fraction", type=float, default=0.05, help="test share (default: %(default)s)")
@@ -491,35 +561,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-key", default=None, help="image column (default: image, filepath, image_path, path or file)")
     p.add_argument("--caption-key", default=None, help="caption column (default: caption, title or text)")
     p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary of tokenizer.json (default: %(default)s)")
+    p.set_defaults(run=_run_captions)
+
+    p = sub.add_parser("tokenizer", help="train a BPE tokenizer.json on the captions (.txt) of existing shards")
+    p.add_argument("--shards", required=True, help="training shards (directory, glob or brace pattern)")
+    p.add_argument("--out", required=True, help="where to write tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=1000, help="largest vocabulary (default: %(default)s)")
+    p.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair (default: %(default)s)")
+    p.add_argument("--caption-key", default="txt", help="caption member of a sample (default: %(default)s)")
+    p.set_defaults(run=_run_tokenizer)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse ``argv``, write the shards, print where they went; errors exit with status 2."""
+    """Parse ``argv`` and run the sub-command; returns its result (a manifest for the shard writers).
+
+    Errors (a missing file, a bad number) exit with status 2 and one line naming the flag or file.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    common = {"out_dir": args.out, "seed": args.seed, "samples_per_shard": args.samples_per_shard,
-              "progress": not args.no_progress}
     try:
-        if args.command == "shapes":
-            manifest = prepare_shapes(train=args.train, val=args.val, test=args.test, image_size=args.image_size,
-                                      **common)
-        elif args.command == "digits":
-            manifest = prepare_digits(image_size=args.image_size, val_fraction=args.val_fraction,
-                                      test_fraction=args.test_fraction, **common)
-        elif args.command == "captions":
-            manifest = prepare_captions(args.src, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                                        image_size=args.image_size, name=args.name, image_key=args.image_key,
-                                        caption_key=args.caption_key, vocab_size=args.vocab_size, **common)
-        else:
-            manifest = prepare_images(args.src, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                                      image_size=args.image_size, name=args.name, **common)
+        return args.run(args)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
-    for split, entry in manifest["splits"].items():
-        print(f"{split}: {entry['num_samples']} samples in {entry['num_shards']} shards: "
-              f"{os.path.join(args.out, entry['pattern'])}")
-    return manifest
 
 
 if __name__ == "__main__":

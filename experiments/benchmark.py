@@ -167,8 +167,8 @@ def overhead(configs: list[str], args: argparse.Namespace) -> dict[str, Any]:
     init = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
     task.to(device)
     batches = make_batches(task, data, 8, device)
-    precision = str((merged.get("trainer") or {}).get("precision", "32-true"))
-    log_every = int((merged.get("trainer") or {}).get("log_every_n_steps", 50))
+    precision = str((merged.get("trainer") or {}).get("precision") or "32-true")
+    log_every = int((merged.get("trainer") or {}).get("log_every_n_steps") or 50)
     total = args.warmup + args.rounds * args.steps
     bare = BareLoop(task, init, batches, total, device)
     dataset = Interleaved(bare, total)

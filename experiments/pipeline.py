@@ -234,22 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model/data setting, e.g. --set data.batch_size=64")
     args = parser.parse_args(argv)
-
-    import lightning as L
-
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    seed = 0
-    for path in args.config:
-        import yaml
-
-        with open(path) as f:
-            seed = (yaml.safe_load(f) or {}).get("seed_everything", seed)
-    L.seed_everything(int(seed), verbose=False)  # the same weights on every rank
+    # the CLI seeds with the config's seed_everything before building: the same weights on every rank
     task, data, merged = load_task_and_data(args.config, args.set)
     if not hasattr(task, "model") or not hasattr(task.model, "blocks"):
         raise SystemExit("error: experiments.pipeline supports timm ViT classifiers (model.init_args.backbone: vit_*)")

@@ -42,6 +42,7 @@ from mm_lightning.checkpoint import UnreadableCheckpointError, UnsafeCheckpointE
 from mm_lightning.checkpoint_io import CheckpointSaveError, SafeCheckpointIO
 from mm_lightning.data.datamodule import BadSampleError, WebDataModule
 from mm_lightning.data.shards import ShardSpecError
+from mm_lightning.data.tokenizer import Tokenizer
 
 RUN_DIR_ENV = "MM_RUN_DIR"  # lets processes started by a launcher (DDP, SLURM) agree on one run directory
 DEBUG_ENV = "MM_DEBUG"  # MM_DEBUG=1: user errors show their traceback too
@@ -216,6 +217,11 @@ class MMLightningCLI(LightningCLI):
         parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=None, help="Also save last.ckpt every N optimizer steps.")
         parser.add_argument("--test_after_fit", type=bool, default=True, help="Evaluate the test split on the best checkpoint after fit.")
         parser.add_argument("--prepare_data", type=bool, default=True, help="Write the built-in shapes/digits shards if missing.")
+        # The run's one tokenizer, instantiated once and handed to the pipeline and the task that declare a
+        # `tokenizer` argument (contract: mm_lightning/data/tokenizer.py); callbacks read pl_module.tokenizer.
+        parser.add_subclass_arguments(Tokenizer, "tokenizer", required=False, help="The run's tokenizer (text tasks).")
+        parser.link_arguments("tokenizer", "data.pipeline.init_args.tokenizer", apply_on="instantiate")
+        parser.link_arguments("tokenizer", "model.init_args.tokenizer", apply_on="instantiate")
 
     # ------------------------------------------------------------------ setup
     def _cfg(self) -> Any:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from mm_lightning.callbacks.retrieval import RetrievalEvaluation, retrieval_metrics, retrieval_ranks
 from mm_lightning.callbacks.zeroshot import fill_template, zeroshot_classifier
+from mm_lightning.data.tokenizer import TextTokenizer
 from mm_lightning.tasks.clip import CheckpointMismatchError, CLIPTask, load_backbone_weights
 from tests.test_run import run_cli
 
@@ -102,15 +103,20 @@ def test_text_tower_from_a_local_hugging_face_encoder(tmp_path):
     assert task.text_encoder.model.embeddings.word_embeddings.weight.grad is not None
 
 
-def test_setup_checks_the_tokenizer_against_the_text_tower():
-    task = tiny_task()
-    tokenizer = SimpleNamespace(vocab_size=400, context_length=8, path="tok.json")
-    task._trainer = SimpleNamespace(datamodule=SimpleNamespace(pipeline=SimpleNamespace(tokenizer=tokenizer)))
-    with pytest.raises(ValueError, match="tok.json.*400 tokens.*model.vocab_size is 50"):
-        task.setup("fit")
-    tokenizer.vocab_size, tokenizer.context_length = 40, 16
-    with pytest.raises(ValueError, match="context_length 16 exceeds model.context_length 8"):
-        task.setup("fit")
+def test_text_tower_sizes_come_from_the_one_tokenizer(tmp_path):
+    """The run's tokenizer sets the text tower's vocabulary and context length; setting them again is an error."""
+    from mm_lightning.data.tokenizer import train_bpe_tokenizer
+
+    train_bpe_tokenizer(["a red circle", "two blue squares", "one green ring"] * 4, vocab_size=300).save(
+        str(tmp_path / "tokenizer.json"))
+    tokenizer = TextTokenizer(tmp_path / "tokenizer.json", context_length=12)
+    task = tiny_task(tokenizer=tokenizer, vocab_size=None, context_length=None)
+    assert task.tokenizer is tokenizer and "tokenizer" not in task.hparams
+    assert task.text_encoder.vocab_size == tokenizer.vocab_size and task.text_encoder.context_length == 12
+    with pytest.raises(ValueError, match="model.vocab_size: read from the tokenizer"):
+        tiny_task(tokenizer=tokenizer, context_length=None)
+    with pytest.raises(ValueError, match="top-level `tokenizer:`"):
+        tiny_task(vocab_size=None)
 
 
 def test_image_tower_is_initialised_from_a_classification_checkpoint(tmp_path):
@@ -188,7 +194,7 @@ def test_image_text_pipeline_carries_every_reference_caption_at_evaluation(tmp_p
 
     out = tmp_path / "shapes"
     prepare_shapes(out, train=24, val=6, test=6, progress=False)
-    pipeline = ImageTextPipeline(str(out / "tokenizer.json"), context_length=32, image_size=32)
+    pipeline = ImageTextPipeline(TextTokenizer(out / "tokenizer.json", context_length=32), image_size=32)
     samples = list(wds.WebDataset([str(f) for f in sorted(out.glob("shapes-val-*.tar"))], shardshuffle=False))[:2]
     batch = pipeline.collate([pipeline.decode(s, training=False) for s in samples])
     n = len(synthetic.CAPTION_TEMPLATES)
@@ -198,7 +204,7 @@ def test_image_text_pipeline_carries_every_reference_caption_at_evaluation(tmp_p
     assert decoded == synthetic.all_captions(scene) and samples[1]["txt"].decode() in decoded
     train = pipeline.collate([pipeline.decode(s, training=True) for s in samples])
     assert "caption_input_ids" not in train  # training reads the sample's one caption
-    without = ImageTextPipeline(str(out / "tokenizer.json"), context_length=32, image_size=32, captions_field=None)
+    without = ImageTextPipeline(pipeline.tokenizer, image_size=32, captions_field=None)
     assert "caption_owner" not in without.collate([without.decode(s, training=False) for s in samples])
 
 
@@ -223,13 +229,12 @@ def test_retrieval_table_rows_for_weights_and_biases():
     callback.examples = [torch.randn(3, 3, 4, 4)]
     ids = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 5, 2]])
     images, texts = torch.eye(3), torch.eye(3)
-    decoder = SimpleNamespace(decode=lambda row: "+".join(str(t) for t in row.tolist()))
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(pipeline=SimpleNamespace(tokenizer=decoder)),
-                              loggers=[mock.MagicMock(spec=WandbLogger)], global_step=7)
-    rows = callback.example_rows(trainer, images, texts, ids)
+    task = SimpleNamespace(tokenizer=SimpleNamespace(decode=lambda row: "+".join(str(t) for t in row.tolist())))
+    trainer = SimpleNamespace(loggers=[mock.MagicMock(spec=WandbLogger)], global_step=7)
+    rows = callback.example_rows(task, images, texts, ids)
     assert len(rows) == 2 and rows[0][0].shape == (4, 4, 3) and rows[0][0].dtype == np.uint8
     assert rows[1][1] == "1+6+2" and rows[1][2] == "1+6+2" and len(rows[1]) == 4  # 2 distinct captions only
-    callback._log_table(trainer, "val", images, texts, ids)
+    callback._log_table(trainer, task, "val", images, texts, ids)
     kwargs = trainer.loggers[0].log_table.call_args.kwargs
     assert kwargs["key"] == "val/retrieval_examples" and kwargs["columns"][:2] == ["image", "caption"]
     assert len(kwargs["data"]) == 2 and len(kwargs["data"][0]) == 5
@@ -286,13 +291,14 @@ trainer:
       init_args: {templates: ["a photo of a {} square"], class_names: [red, green, blue, yellow]}
     - class_path: mm_lightning.callbacks.retrieval.RetrievalEvaluation
       init_args: {ks: [1, 5]}
+tokenizer:
+  class_path: mm_lightning.data.tokenizer.TextTokenizer
+  init_args: {path: TOKENIZER, context_length: 16}
 model:
   class_path: mm_lightning.tasks.clip.CLIPTask
   init_args:
     image_backbone_kwargs: {img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2.0}
     embed_dim: 32
-    vocab_size: 320
-    context_length: 16
     text_width: 32
     text_layers: 1
     text_heads: 2
@@ -304,20 +310,20 @@ data:
   num_workers: 0
   pipeline:
     class_path: mm_lightning.data.samples.ImageTextPipeline
-    init_args: {tokenizer: TOKENIZER, context_length: 16, image_size: 16, crop_scale: [1.0, 1.0], mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}
+    init_args: {image_size: 16, crop_scale: [1.0, 1.0], mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}
 logger: csv
 """
 
 
 @pytest.mark.slow
 def test_clip_trains_on_img2dataset_shards_with_two_ddp_ranks(tmp_path):
-    from mm_lightning.data.tokenizer import main as train_tokenizer
+    from data.prepare import main as prepare
 
     train = write_img2dataset_shards(tmp_path / "train", 4, 80, seed=1)
     val = write_img2dataset_shards(tmp_path / "val", 2, 32, seed=2)  # no labels: zero-shot is skipped there
     test = write_img2dataset_shards(tmp_path / "test", 3, 30, seed=3, cls=True)  # uneven over 2 ranks
     tokenizer = tmp_path / "tokenizer.json"
-    train_tokenizer(["--shards", train, "--out", str(tokenizer), "--vocab-size", "300"])
+    prepare(["tokenizer", "--shards", train, "--out", str(tokenizer), "--vocab-size", "300"])
     config = tmp_path / "clip.yaml"
     config.write_text(CONFIG.replace("TOKENIZER", str(tokenizer)))
     data = [f"--data.train={train}", f"--data.val={val}", f"--data.test={test}"]
@@ -361,7 +367,7 @@ def test_prepare_captions_writes_img2dataset_shards_and_a_tokenizer(tmp_path):
         names = tar.getnames()
         meta = json.loads(tar.extractfile(next(n for n in names if n.endswith(".json"))).read())
     assert {n.rsplit(".", 1)[1] for n in names} <= {"jpg", "png", "txt", "json"} and meta["path"].startswith("imgs/")
-    pipeline = ImageTextPipeline(tokenizer=str(out / "tokenizer.json"), context_length=32, image_size=16)
+    pipeline = ImageTextPipeline(tokenizer=TextTokenizer(out / "tokenizer.json", context_length=32), image_size=16)
     import webdataset as wds
 
     sample = next(iter(wds.WebDataset(str(sorted(out.glob("pairs-val-*.tar"))[0]), shardshuffle=False)))
@@ -391,15 +397,16 @@ def test_linear_probe_and_knn_callbacks_work_on_the_clip_task(tmp_path):
     from mm_lightning.callbacks.probe import Probe
     from mm_lightning.data.datamodule import WebDataModule
     from mm_lightning.data.samples import ImageTextPipeline
-    from mm_lightning.data.tokenizer import main as train_tokenizer
+    from data.prepare import main as prepare
 
     train = write_img2dataset_shards(tmp_path / "train", 2, 48, seed=1, cls=True)
     test = write_img2dataset_shards(tmp_path / "test", 1, 32, seed=2, cls=True)
-    train_tokenizer(["--shards", train, "--out", str(tmp_path / "tokenizer.json"), "--vocab-size", "300"])
-    pipeline = ImageTextPipeline(str(tmp_path / "tokenizer.json"), context_length=8, image_size=16, crop_scale=(1.0, 1.0),
+    prepare(["tokenizer", "--shards", train, "--out", str(tmp_path / "tokenizer.json"), "--vocab-size", "300"])
+    tokenizer = TextTokenizer(tmp_path / "tokenizer.json", context_length=8)
+    pipeline = ImageTextPipeline(tokenizer, image_size=16, crop_scale=(1.0, 1.0),
                                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     dm = WebDataModule(train=train, test=test, pipeline=pipeline, batch_size=16, num_workers=0)
     torch.manual_seed(0)
-    results = Probe(random_init=False, k=5).evaluate(tiny_task(vocab_size=320), dm, "")
+    results = Probe(random_init=False, k=5).evaluate(tiny_task(tokenizer=tokenizer, vocab_size=None, context_length=None), dm, "")
     # colour squares are linearly separable even in random ViT features: far above the 0.25 of chance
     assert results["test/linear_probe_acc"] >= 0.6 and results["test/knn_acc"] >= 0.6, results

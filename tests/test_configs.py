@@ -45,3 +45,31 @@ def test_shipped_config_builds(config: Path, builtin_data: Path, tmp_path: Path,
 
 def test_there_are_configs() -> None:
     assert {"vit_shapes", "vit_digits", "resnet_digits"} <= {c.stem for c in CONFIGS}
+
+
+def test_the_tokenizer_is_configured_once_and_handed_to_pipeline_and_task(builtin_data: Path, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """clip_shapes.yaml's top-level tokenizer is one object in the pipeline and the task (callbacks read the task's);
+    the resolved config names it once; image-only configs have none."""
+    import yaml
+
+    monkeypatch.chdir(builtin_data)
+    monkeypatch.setenv("MM_RUN_DIR", str(tmp_path))
+
+    def build(name: str, *extra: str) -> MMLightningCLI:
+        return MMLightningCLI(args=["--config", str(REPO / "experiments" / "configs" / f"{name}.yaml"),
+                                    "--prepare_data=false", "--logger=none", *extra], run=False)
+
+    cli = build("clip_shapes")
+    tokenizer = cli.model.tokenizer
+    assert tokenizer is not None and cli.datamodule.pipeline.tokenizer is tokenizer
+    assert "tokenizer" not in cli.model.hparams  # never pickled into checkpoints
+    text = cli.model.text_encoder
+    assert (text.vocab_size, text.context_length) == (tokenizer.vocab_size, tokenizer.context_length) == (
+        tokenizer.vocab_size, 32)
+    dumped = yaml.safe_load(cli.parser.dump(cli.config))
+    assert dumped["tokenizer"]["init_args"]["path"] == "data/shards/shapes/tokenizer.json"
+    assert "tokenizer" not in dumped["model"]["init_args"] and "tokenizer" not in dumped["data"]["pipeline"]["init_args"]
+    with pytest.raises(ValueError, match="model.vocab_size: read from the tokenizer"):
+        build("clip_shapes", "--model.init_args.vocab_size=500")
+    assert build("vit_shapes").model.tokenizer is None

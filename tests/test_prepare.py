@@ -266,3 +266,20 @@ def test_ensure_builtin_completes_an_interrupted_run(tmp_path: Path, small_built
 def test_prepare_functions_are_the_builtin_defaults() -> None:
     assert prepare.BUILTIN_DATASETS["data/shards/shapes"] is prepare.prepare_shapes
     assert prepare.BUILTIN_DATASETS["data/shards/digits"] is prepare.prepare_digits
+
+
+def test_cli_tokenizer_trains_on_existing_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``python -m data.prepare tokenizer --shards ... --out ...``: a BPE of the shards' captions; errors name --shards."""
+    from mm_lightning.data.tokenizer import TextTokenizer
+
+    prepare.prepare_shapes(tmp_path / "shapes", train=24, val=4, test=4, progress=False)
+    out = tmp_path / "tok" / "tokenizer.json"
+    result = prepare.main(["tokenizer", "--shards", str(tmp_path / "shapes" / "shapes-train-*.tar"), "--out", str(out),
+                           "--vocab-size", "300"])
+    tokenizer = TextTokenizer(out)
+    assert result == {"tokenizer": str(out), "vocab_size": tokenizer.vocab_size} and tokenizer.vocab_size <= 300
+    assert f"written to {out}" in capsys.readouterr().out
+    assert tokenizer.decode(tokenizer(["a red circle"])["input_ids"][0]) == "a red circle"
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["tokenizer", "--shards", str(tmp_path / "none-*.tar"), "--out", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2 and "--shards" in capsys.readouterr().err

@@ -161,11 +161,29 @@ def test_conversations_are_llava_format_and_true(samples: list[dict]) -> None:
         for human, gpt in zip(conv[::2], conv[1::2]):
             q = human["value"].removeprefix("<image>\n")
             qtype = next(t for t, (one, many) in syn.QUESTIONS.items() if q in one + many)
+            assert human["type"] == qtype and "type" not in gpt  # the question's type travels with it
             asked.append(qtype)
             assert gpt["value"] == syn.answer(scene, qtype)
             assert qtype != "position" or scene["count"] == 1
         assert len(set(asked)) == len(asked)
+        assert ("position" in asked) == (scene["count"] == 1)  # every single-object scene is asked where it is
     assert set(rounds) == {2, 3}
+
+
+def test_every_question_type_and_answer_is_common(samples: list[dict]) -> None:
+    """Position (askable of single-object scenes only) is asked in a third of the samples, the others in about
+    half; every answer value of every type appears (a model can learn each)."""
+    asked, answers = Counter(), {t: Counter() for t in syn.QUESTION_TYPES}
+    for s in samples:
+        for human, gpt in zip(s["json"]["conversations"][::2], s["json"]["conversations"][1::2]):
+            asked[human["type"]] += 1
+            answers[human["type"]][gpt["value"]] += 1
+    n = len(samples)
+    assert asked["position"] == sum(s["json"]["scene"]["count"] == 1 for s in samples) > 0.25 * n
+    assert all(0.45 * n < asked[t] < 0.65 * n for t in ("shape", "colour", "count", "size"))
+    assert {len(answers[t]) for t in ("shape", "colour")} == {12} and len(answers["size"]) == 4  # singular + plural
+    assert set(answers["count"]) == {"There is one.", "There are two.", "There are three."}
+    assert set(answers["position"]) == set(syn.POSITION_ANSWERS.values())
 
 
 def test_answers() -> None:

@@ -243,7 +243,7 @@ class RetrievalEvaluation(L.Callback):
         for name, value in metrics.items():
             pl_module.log(f"{split}/{name}", value, sync_dist=True, prog_bar=name == "i2t_R@1")
         if trainer.is_global_zero and self.num_examples and self.examples:
-            self._log_table(trainer, split, images, texts, ids, owner)
+            self._log_table(trainer, pl_module, split, images, texts, ids, owner)
         self._reset()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -256,7 +256,7 @@ class RetrievalEvaluation(L.Callback):
     # ------------------------------------------------------------------ table
     def example_rows(
         self,
-        trainer: L.Trainer,
+        pl_module: Any,
         images: torch.Tensor,
         texts: torch.Tensor,
         ids: torch.Tensor,
@@ -264,8 +264,8 @@ class RetrievalEvaluation(L.Callback):
     ) -> list[list[Any]]:
         """``[image (H, W, 3) uint8, caption, top-1, top-2, top-3 retrieved captions]`` for the first
         images of rank 0 (which come first in the gathered order): the image's first reference
-        caption and the best-scored distinct captions."""
-        decode = _caption_decoder(trainer)
+        caption and the best-scored distinct captions, decoded by ``pl_module.tokenizer``."""
+        decode = _caption_decoder(pl_module)
         owner = torch.arange(ids.shape[0]) if owner is None else owner.cpu()
         unique, first = _first_of_each(ids)
         gallery = texts[first]
@@ -278,7 +278,7 @@ class RetrievalEvaluation(L.Callback):
             rows.append([_display(picture), caption] + [decode(unique[j]) for j in top])
         return rows
 
-    def _log_table(self, trainer: L.Trainer, split: str, images, texts, ids, owner=None) -> None:
+    def _log_table(self, trainer: L.Trainer, pl_module: Any, split: str, images, texts, ids, owner=None) -> None:
         from lightning.pytorch.loggers import WandbLogger
 
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
@@ -286,7 +286,7 @@ class RetrievalEvaluation(L.Callback):
             return
         import wandb
 
-        rows = self.example_rows(trainer, images, texts, ids, owner)
+        rows = self.example_rows(pl_module, images, texts, ids, owner)
         data = [[wandb.Image(r[0])] + r[1:] + [""] * (5 - len(r)) for r in rows]
         for logger in loggers:
             logger.log_table(
@@ -309,8 +309,9 @@ def _first_of_each(ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return unique, first
 
 
-def _caption_decoder(trainer: L.Trainer) -> Any:
-    tokenizer = getattr(getattr(getattr(trainer, "datamodule", None), "pipeline", None), "tokenizer", None)
+def _caption_decoder(pl_module: Any) -> Any:
+    """The run's tokenizer's ``decode`` (``pl_module.tokenizer``), else the ids joined by spaces."""
+    tokenizer = getattr(pl_module, "tokenizer", None)
     if tokenizer is not None and hasattr(tokenizer, "decode"):
         return tokenizer.decode
     return lambda row: " ".join(str(t) for t in row.tolist() if t)

@@ -58,33 +58,20 @@ class ZeroShotClassification(L.Callback):
 
     Needs a task with ``encode_text(input_ids, attention_mask)`` and image features from its
     evaluation step outputs (``image_features``) or ``encode_image`` (:class:`~mm_lightning.tasks.clip.CLIPTask`),
-    and a tokenizer: the data pipeline's ``tokenize`` (:class:`~mm_lightning.data.samples.ImageTextPipeline`)
-    unless ``tokenizer`` is given. Counts are summed over ranks under DDP.
+    and the run's tokenizer, which it reads from ``pl_module.tokenizer`` (the config's top-level
+    ``tokenizer:``; see :mod:`mm_lightning.data.tokenizer`). Counts are summed over ranks under DDP.
 
     Args:
         templates: prompt templates, ``{}`` standing for the class name.
         class_names: class names in label order; by default the data module's ``class_names``.
-        tokenizer: a ``tokenizer.json`` or local Hugging Face tokenizer directory, instead of the pipeline's.
-        context_length: tokens per prompt when ``tokenizer`` is given.
     """
 
-    def __init__(
-        self,
-        templates: list[str] | None = None,
-        class_names: list[str] | None = None,
-        tokenizer: str | None = None,
-        context_length: int = 32,
-    ) -> None:
+    def __init__(self, templates: list[str] | None = None, class_names: list[str] | None = None) -> None:
         self.templates = list(templates or DEFAULT_TEMPLATES)
         bad = [t for t in self.templates if "{}" not in t]
         if bad:
             raise ValueError(f"zero-shot templates need a '{{}}' for the class name: {bad}")
         self.class_names = list(class_names) if class_names else None
-        self._tokenizer = None
-        if tokenizer is not None:
-            from mm_lightning.data.tokenizer import TextTokenizer
-
-            self._tokenizer = TextTokenizer(tokenizer, context_length)
         self.classifier: torch.Tensor | None = None
         self.correct: dict[int, torch.Tensor] = {}
         self.total: torch.Tensor | None = None
@@ -93,18 +80,13 @@ class ZeroShotClassification(L.Callback):
     def _names(self, trainer: L.Trainer) -> list[str] | None:
         return self.class_names or getattr(getattr(trainer, "datamodule", None), "class_names", None)
 
-    def _tokenize(self, trainer: L.Trainer) -> Callable[[Sequence[str]], dict[str, torch.Tensor]] | None:
-        if self._tokenizer is not None:
-            return self._tokenizer
-        pipeline = getattr(getattr(trainer, "datamodule", None), "pipeline", None)
-        return getattr(pipeline, "tokenize", None)
-
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.classifier, self.total, self.correct = None, None, {}
-        names, tokenize = self._names(trainer), self._tokenize(trainer)
+        names, tokenize = self._names(trainer), getattr(pl_module, "tokenizer", None)
         if not names or tokenize is None:
             if not self._warned:
-                what = "class names (data manifest 'classes' or class_names)" if not names else "a tokenizer"
+                what = ("class names (data manifest 'classes' or class_names)" if not names
+                        else "tokenizer on the task (the config's top-level `tokenizer:` section)")
                 rank_zero_warn(f"ZeroShotClassification: no {what}; zero-shot evaluation is skipped")
                 self._warned = True
             return

@@ -18,6 +18,8 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from mm_lightning.data.tokenizer import Tokenizer
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -235,10 +237,13 @@ class ImageTextPipeline(SamplePipeline):
     image). Retrieval (:class:`~mm_lightning.callbacks.retrieval.RetrievalEvaluation`) then ranks
     against all of them, counting a retrieved caption correct if it is any of the image's captions.
 
+    The tokenizer is the run's one tokenizer object (the config's top-level ``tokenizer:`` section,
+    linked here by ``experiments.run``; see :mod:`mm_lightning.data.tokenizer`): captions are
+    ``context_length`` tokens long as that tokenizer says.
+
     Args:
-        tokenizer: a ``tokenizer.json`` (``python -m data.prepare`` writes one next to the shards) or a
-            local Hugging Face tokenizer directory.
-        context_length: tokens per caption, special tokens included.
+        tokenizer: the run's tokenizer (e.g. :class:`~mm_lightning.data.tokenizer.TextTokenizer`); set by
+            the config's top-level ``tokenizer:`` section, not here.
         image_size: side of the square image the model sees.
         crop_scale: area range of the training ``RandomResizedCrop``; ``[1.0, 1.0]`` keeps the whole image.
         hflip: random horizontal flips while training (off by default: captions may say "left").
@@ -252,8 +257,7 @@ class ImageTextPipeline(SamplePipeline):
 
     def __init__(
         self,
-        tokenizer: str = "data/shards/shapes/tokenizer.json",
-        context_length: int = 32,
+        tokenizer: Tokenizer | None = None,
         image_size: int = 224,
         crop_scale: tuple[float, float] = (0.9, 1.0),
         hflip: bool = False,
@@ -263,12 +267,14 @@ class ImageTextPipeline(SamplePipeline):
         label_key: str | None = "cls",
         captions_field: str | None = "captions",
     ) -> None:
-        from mm_lightning.data.tokenizer import TextTokenizer
-
+        if tokenizer is None:
+            raise ValueError(
+                "ImageTextPipeline needs a tokenizer: give the config a top-level `tokenizer:` section (class_path "
+                "mm_lightning.data.tokenizer.TextTokenizer, init_args {path: ..., context_length: ...})"
+            )
         if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
-        self.tokenizer = TextTokenizer(tokenizer, context_length)
-        self.context_length = context_length
+        self.tokenizer = tokenizer
         self.image_size = image_size
         self.caption_key = caption_key
         self.label_key = label_key

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 #: Bumped whenever the samples drawn from a seed change (``data.prepare`` regenerates stale built-in shards).
-VERSION = 2
+VERSION = 3
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond", "ring")
 PLURALS: dict[str, str] = {
@@ -239,14 +239,26 @@ def answer(scene: dict[str, Any], qtype: str) -> str:
 
 
 def conversation(scene: dict[str, Any], rng: np.random.Generator) -> list[dict[str, str]]:
-    """A LLaVA-format conversation of 2-3 rounds; ``<image>`` opens the first human turn only."""
-    types = question_types(scene)
-    picked = rng.choice(len(types), size=int(rng.integers(2, 4)), replace=False)
+    """A LLaVA-format conversation of 2-3 rounds; ``<image>`` opens the first human turn only.
+
+    Each human turn carries its question ``type``. The types of a conversation are distinct; a
+    single-object scene (the only kind that has a position) always gets one position question,
+    in a random round, so that position is asked in a third of all samples instead of a sixth
+    (shape, colour, count and size: 54% each), and every answer value of every type is common.
+    """
+    types = list(question_types(scene))
+    rounds = int(rng.integers(2, 4))
+    if "position" in types:
+        others = types[:-1]
+        picked = ["position"] + [others[int(i)] for i in rng.choice(len(others), size=rounds - 1, replace=False)]
+        picked = [picked[int(i)] for i in rng.permutation(rounds)]
+    else:
+        picked = [types[int(i)] for i in rng.choice(len(types), size=rounds, replace=False)]
     turns: list[dict[str, str]] = []
-    for i, t in enumerate(picked):
-        q = question(scene, types[int(t)], rng)
-        turns.append({"from": "human", "value": f"<image>\n{q}" if i == 0 else q})
-        turns.append({"from": "gpt", "value": answer(scene, types[int(t)])})
+    for i, qtype in enumerate(picked):
+        q = question(scene, qtype, rng)
+        turns.append({"from": "human", "value": f"<image>\n{q}" if i == 0 else q, "type": qtype})
+        turns.append({"from": "gpt", "value": answer(scene, qtype)})
     return turns
 
 

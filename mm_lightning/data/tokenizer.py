@@ -1,6 +1,34 @@
-"""Text tokenizers for image-text tasks: a byte-level BPE trained on the captions, or any local HF tokenizer.
+"""Text tokenizers for image-text tasks, and the tokenizer contract every part of a run relies on.
 
-Two kinds of source, one interface (:class:`TextTokenizer`):
+**The contract.** A run has at most ONE tokenizer object. Its config says so once, in a top-level
+section (``experiments.run``'s :class:`~experiments.run.MMLightningCLI` parses it)::
+
+    tokenizer:
+      class_path: mm_lightning.data.tokenizer.TextTokenizer
+      init_args: {path: data/shards/shapes/tokenizer.json, context_length: 32}
+
+The CLI instantiates it once and hands the same object (``link_arguments(..., apply_on="instantiate")``)
+to ``data.pipeline.init_args.tokenizer`` and ``model.init_args.tokenizer``: a sample pipeline or task
+that needs text declares a ``tokenizer: Tokenizer | None`` init argument and receives it; one that does
+not declare it (classification) gets nothing, and a config without a ``tokenizer:`` section (the
+image-only tasks) passes ``None``. Callbacks never get a tokenizer of their own: they read
+``pl_module.tokenizer``, an attribute every :class:`~mm_lightning.tasks.base.Task` declares (``None``
+for image-only tasks). Nothing else reaches through another object for it (no reaching from
+the trainer's data module to its pipeline).
+
+Whatever a part needs to know about the text side it reads from that object, never from a second
+setting: the vocabulary size (``vocab_size``, rows of an embedding table), the special-token ids
+(``pad_token_id``, ``bos_token_id``, ``eos_token_id``; a chat tokenizer adds ``image_token_id`` and the
+like) and, where the tokenizer fixes it, the context length (``context_length`` of
+:class:`TextTokenizer`). Tasks keep the tokenizer out of their hyper-parameters
+(``save_hyperparameters(ignore=["tokenizer"])``) and out of checkpoints: a checkpoint loads with
+``weights_only=True``, and the config names the tokenizer again.
+
+A tokenizer class for configs subclasses :class:`Tokenizer` (the CLI accepts only subclasses), loads
+its vocabulary lazily (DataLoader workers unpickle it; ``__getstate__`` drops the loaded state) and
+downloads nothing.
+
+Two kinds of source for :class:`TextTokenizer`:
 
 * a ``tokenizer.json`` file written by :func:`train_bpe_tokenizer` (Hugging Face ``tokenizers``:
   lower-casing, byte-level BPE, ``<|startoftext|> ... <|endoftext|>`` around every text, as CLIP's
@@ -12,15 +40,15 @@ Texts become fixed-length ``input_ids`` / ``attention_mask`` (right padding, tru
 the closing special token), so a text tower can pool at the end-of-text token, which is the last
 position where ``attention_mask`` is 1.
 
-``python -m mm_lightning.data.tokenizer --shards 'DIR/name-train-*.tar' --out DIR/tokenizer.json``
-trains a tokenizer on the ``.txt`` members of existing shards.
+``python -m data.prepare tokenizer --shards 'DIR/name-train-*.tar' --out DIR/tokenizer.json`` trains a
+tokenizer on the ``.txt`` members of existing shards (:func:`train_tokenizer_from_shards`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,7 +172,30 @@ def _load_hf(path: str) -> Any:
     return tok
 
 
-class TextTokenizer:
+class Tokenizer(ABC):
+    """The interface of a run's one tokenizer (see the module docstring for how it is handed around).
+
+    Every tokenizer has a vocabulary size, a pad id and a decoder; the parts that receive it read
+    further attributes where they need them (``context_length``, ``bos_token_id``, ``eos_token_id``,
+    ``image_token_id``, ...) and fail naming the attribute when a tokenizer lacks one.
+    """
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids, added special tokens included (embedding tables need at least this many rows)."""
+
+    @property
+    @abstractmethod
+    def pad_token_id(self) -> int:
+        """The id that pads sequences (masked out by ``attention_mask``)."""
+
+    @abstractmethod
+    def decode(self, input_ids: torch.Tensor | Sequence[int]) -> str:
+        """The text of one row of ids, without special tokens and padding."""
+
+
+class TextTokenizer(Tokenizer):
     """Fixed-length tokenization of caption lists, from a ``tokenizer.json`` or a local HF tokenizer directory.
 
     Loaded lazily (on first use, in each DataLoader worker), so a pipeline that holds it pickles cheaply.
@@ -190,6 +241,21 @@ class TextTokenizer:
     def pad_token_id(self) -> int:
         return int(self.hf.pad_token_id)
 
+    @property
+    def bos_token_id(self) -> int | None:
+        """``<|startoftext|>`` (or the HF tokenizer's bos/cls token), ``None`` without one."""
+        value = self.hf.bos_token_id if self.hf.bos_token_id is not None else self.hf.cls_token_id
+        return None if value is None else int(value)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """``<|endoftext|>`` (or the HF tokenizer's eos/sep token), ``None`` without one."""
+        value = self.hf.eos_token_id if self.hf.eos_token_id is not None else self.hf.sep_token_id
+        return None if value is None else int(value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, context_length={self.context_length})"
+
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``{"input_ids", "attention_mask"}``: int64 tensors of shape ``(len(texts), context_length)``."""
         enc = self.hf(
@@ -207,26 +273,3 @@ class TextTokenizer:
         ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
         return self.hf.decode(ids, skip_special_tokens=True).strip()
 
-
-def main(argv: Sequence[str] | None = None) -> Path:
-    """``python -m mm_lightning.data.tokenizer --shards SPEC --out FILE``: train a BPE on shard captions."""
-    from mm_lightning.data.shards import ShardSpecError, list_shards
-
-    parser = argparse.ArgumentParser(prog="python -m mm_lightning.data.tokenizer", description=main.__doc__)
-    parser.add_argument("--shards", required=True, help="training shards (directory, glob or brace pattern)")
-    parser.add_argument("--out", required=True, help="where to write tokenizer.json")
-    parser.add_argument("--vocab-size", type=int, default=1000, help="largest vocabulary (default: %(default)s)")
-    parser.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair (default: %(default)s)")
-    parser.add_argument("--caption-key", default="txt", help="caption member of a sample (default: %(default)s)")
-    args = parser.parse_args(argv)
-    try:
-        shards = list_shards(args.shards)
-        path = train_tokenizer_from_shards(shards, args.out, args.vocab_size, args.min_frequency, args.caption_key)
-    except (ShardSpecError, ValueError) as err:
-        parser.exit(2, f"{parser.prog}: error: --shards {args.shards}: {err}\n")
-    print(f"tokenizer ({len(TextTokenizer(path).hf)} tokens) written to {path}")
-    return path
-
-
-if __name__ == "__main__":
-    main()

@@ -72,6 +72,10 @@ class Task(L.LightningModule):
     #: metric that picks the best checkpoint, and whether higher is better
     monitor: str | None = None
     monitor_mode: str = "max"
+    #: the run's one tokenizer (:class:`mm_lightning.data.tokenizer.Tokenizer`), or ``None`` for image-only
+    #: tasks. Tasks with text take it as their ``tokenizer`` init argument (the CLI links the config's
+    #: top-level ``tokenizer:`` into it) and keep it out of their hyper-parameters; callbacks read it here.
+    tokenizer: Any = None
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from mm_lightning.checkpoint import state_dict_of
+from mm_lightning.data.tokenizer import Tokenizer
 from mm_lightning.losses.clip import clip_loss, siglip_loss
 from mm_lightning.models.text import HFTextEncoder, Pooling, TextTransformer
 from mm_lightning.models.vision import create_backbone
@@ -85,6 +86,33 @@ def load_backbone_weights(backbone: nn.Module, path: str, prefix: str | None = N
     return prefix
 
 
+def text_sizes(
+    tokenizer: Tokenizer | None, vocab_size: int | None, context_length: int | None, text_model: str | None = None
+) -> tuple[int, int]:
+    """The text tower's ``(vocab_size, context_length)``: the tokenizer's, or the explicit values of a model
+    built in code without one. Both given, or neither, is an error naming the setting."""
+    if tokenizer is not None:
+        given = [n for n, v in (("vocab_size", vocab_size), ("context_length", context_length)) if v is not None]
+        if given:
+            raise ValueError(
+                f"model.{' and model.'.join(given)}: read from the tokenizer ({tokenizer!r}); remove the setting "
+                "(the config's top-level `tokenizer:` section sets it once)"
+            )
+        length = getattr(tokenizer, "context_length", None)
+        if length is None:
+            raise ValueError(f"tokenizer {tokenizer!r} has no context_length for the CLIP text tower")
+        return int(tokenizer.vocab_size), int(length)
+    if text_model:  # a Hugging Face text tower brings its own sizes
+        return int(vocab_size or 0), int(context_length or 0)
+    if vocab_size is None or context_length is None:
+        raise ValueError(
+            "CLIPTask needs a tokenizer: give the config a top-level `tokenizer:` section (class_path "
+            "mm_lightning.data.tokenizer.TextTokenizer, init_args {path: ..., context_length: ...}), or, building "
+            "the task in code, vocab_size and context_length"
+        )
+    return vocab_size, context_length
+
+
 class CLIPTask(Task):
     """Contrastive image-text pretraining (CLIP, or SigLIP with ``loss: siglip``).
 
@@ -101,9 +129,13 @@ class CLIPTask(Task):
         image_init_prefix: key prefix of the backbone in ``image_init``'s state dict (e.g. ``model.``);
             found automatically when unset.
         lock_image: freeze the image tower (LiT: only the projection and the text tower train).
+        tokenizer: the run's tokenizer (the config's top-level ``tokenizer:`` section, linked here by
+            ``experiments.run``): the text tower's vocabulary size and context length are its ``vocab_size``
+            and ``context_length``. Not saved in the hyper-parameters.
         embed_dim: width of the joint embedding space.
-        vocab_size: rows of the text tower's token table; at least the tokenizer's size (checked at setup).
-        context_length: longest caption in tokens (the pipeline's ``context_length`` must not exceed it).
+        vocab_size: rows of the text tower's token table, only for a model built in code without a
+            tokenizer (a run reads it from the tokenizer; giving both is an error).
+        context_length: longest caption in tokens, likewise only without a tokenizer.
         text_width: hidden size of the text transformer.
         text_layers: transformer blocks of the text tower.
         text_heads: attention heads of the text tower.
@@ -136,9 +168,10 @@ class CLIPTask(Task):
         image_init: str | None = None,
         image_init_prefix: str | None = None,
         lock_image: bool = False,
+        tokenizer: Tokenizer | None = None,
         embed_dim: int = 128,
-        vocab_size: int = 1024,
-        context_length: int = 32,
+        vocab_size: int | None = None,
+        context_length: int | None = None,
         text_width: int = 128,
         text_layers: int = 3,
         text_heads: int = 4,
@@ -156,9 +189,11 @@ class CLIPTask(Task):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["tokenizer"])
         if loss not in ("clip", "siglip"):
             raise ValueError(f"model.loss must be 'clip' or 'siglip', got {loss!r}")
+        self.tokenizer = tokenizer
+        vocab_size, context_length = text_sizes(tokenizer, vocab_size, context_length, text_model)
         self.image_encoder = create_backbone(
             image_backbone, num_classes=0, pretrained=image_pretrained, **dict(image_backbone_kwargs or {})
         )
@@ -194,20 +229,14 @@ class CLIPTask(Task):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        """Check the tokenizer against the text tower; load ``image_init`` before ``fit`` (a resumed
+        """Check the tokenizer against a Hugging Face text tower; load ``image_init`` before ``fit`` (a resumed
         run's own checkpoint is restored afterwards and wins)."""
-        pipeline = getattr(getattr(self._trainer, "datamodule", None), "pipeline", None)
-        tokenizer = getattr(pipeline, "tokenizer", None)
-        if tokenizer is not None and isinstance(self.text_encoder, TextTransformer):
+        tokenizer = self.tokenizer
+        if tokenizer is not None and isinstance(self.text_encoder, HFTextEncoder):
             if tokenizer.vocab_size > self.text_encoder.vocab_size:
                 raise ValueError(
-                    f"tokenizer {tokenizer.path!r} has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                    f"{self.text_encoder.vocab_size}: set model.vocab_size >= {tokenizer.vocab_size}"
-                )
-            if tokenizer.context_length > self.text_encoder.context_length:
-                raise ValueError(
-                    f"the pipeline's context_length {tokenizer.context_length} exceeds model.context_length "
-                    f"{self.text_encoder.context_length}"
+                    f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} tokens but model.text_model has only "
+                    f"{self.text_encoder.vocab_size} embeddings: use the text model's own tokenizer"
                 )
         if stage == "fit" and self.image_init:
             prefix = load_backbone_weights(self.image_encoder, self.image_init, self.image_init_prefix)
