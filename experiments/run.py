@@ -81,7 +81,7 @@ class MMArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> Any:
         if not self.exit_on_error or os.environ.get(DEBUG_ENV):
             return super().error(message, ex)
-        prog = self.prog.replace(" [options]", "")
+        prog = self.prog.replace(" [options]", "").replace("run.py", "python -m experiments.run")
         raise UsageError(f"{_one_line(message)} (see `{prog} --help`)")
 
 
@@ -263,6 +263,7 @@ class MMLightningCLI(LightningCLI):
         hparams = dict((meta or {}).get("hyper_parameters") or {})
         del meta
         hparams.pop("_instantiator", None)
+        hparams.pop("tokenizer", None)  # the config names the run's tokenizer, never a checkpoint (data/tokenizer.py)
         if hparams:
             if "_class_path" in hparams:
                 hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
@@ -486,7 +487,7 @@ def _instantiation_error(err: BaseException) -> str:
     message = str(inner).strip() or type(inner).__name__
     if inner is err:
         message = _one_line(message)
-    return f"{where}: {message}" if where else message
+    return f"{where}: {message}" if where and not message.startswith(f"{where}.") else message
 
 
 #: errors that name what the user gave (a flag, file, shard, key): one line, exit 2, at any time

@@ -12,8 +12,9 @@ POSIX); on any failure the temporary file is removed, the previous checkpoint is
 from __future__ import annotations
 
 import contextlib
+import io
 import os
-import tempfile
+import secrets
 from typing import Any
 
 import torch
@@ -37,15 +38,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        buffer = io.BytesIO()  # serialise first: a failing write then reports its own OSError (ENOSPC, EACCES, ...)
+        torch.save(obj, buffer)
+        candidate = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        with open(candidate, "xb") as f:  # the usual permissions (umask), unlike mkstemp's 0600
+            tmp = candidate
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
     except Exception as err:
-        raise CheckpointSaveError(f"could not save checkpoint {path}: {type(err).__name__}: {err}") from err
+        reason = f"{err.strerror} (errno {err.errno})" if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+        raise CheckpointSaveError(f"could not save checkpoint {path}: {reason}; the previous checkpoint is kept") from err
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -62,7 +67,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
         if weights_only is False:
-            raise UnsafeCheckpointError(f"checkpoint {os.fspath(path)!r}: weights_only=False is refused (it can run code)")
+            raise UnsafeCheckpointError(f"checkpoint {os.fspath(path)!r}: a load that is not weights-only is refused (it can run code)")
         if not _is_local(os.fspath(path)):
             return super().load_checkpoint(path, map_location, weights_only=True)
         return load_checkpoint(os.fspath(path).removeprefix("file://"), "--ckpt_path")

@@ -72,7 +72,7 @@ class NonFiniteLossGuard(L.Callback):
             (the weights themselves are then broken; skipping would train nothing).
     """
 
-    def __init__(self, action: Literal["stop", "skip"] = "stop", max_consecutive_skips: int = 25) -> None:
+    def __init__(self, action: Literal["stop", "skip"] = "stop", max_consecutive_skips: int = 10) -> None:
         if action not in ("stop", "skip"):
             raise ValueError(f"action must be 'stop' or 'skip', got {action!r}")
         self.action = action
@@ -127,15 +127,37 @@ class NonFiniteLossGuard(L.Callback):
 
 
 class GuardedModelCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that keeps the last good checkpoint: a model with non-finite weights is never
-    saved (neither as best nor as last), a non-finite monitored value never counts as the best, and a
+    """``ModelCheckpoint`` whose ``last.ckpt`` is the latest state at every save point (Lightning 2.6 updates
+    it only beside a new best) and that keeps the last good checkpoint: a model with non-finite weights is never
+    saved (neither as best nor as last), a non-finite monitored value (or any non-finite ``val/`` metric)
+    never counts as the best, and a
     signal that stops a one-process run between steps saves ``last.ckpt`` first."""
 
     def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        bad = {name: float(value) for name, value in trainer.callback_metrics.items()
+               if (name == self.monitor or name.startswith("val/")) and isinstance(value, torch.Tensor)
+               and value.numel() == 1 and not math.isfinite(float(value))}
         if current is not None and not math.isfinite(float(current)):
-            warnings.warn(f"{self.monitor} is {float(current)}: this checkpoint is not taken as the best")
+            bad[str(self.monitor)] = float(current)
+        if bad:  # the same on every rank: validation metrics are synchronised
+            shown = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+            warnings.warn(f"step {trainer.global_step}: {shown}: this checkpoint is not taken as the best")
             return False
         return super().check_monitor_top_k(trainer, current)
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            # Lightning 2.6 writes last.ckpt only beside a new best: without this, last.ckpt stays at the
+            # last improvement and a resume from it repeats every epoch since
+            self._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if getattr(self, "_last_saved_step", None) == trainer.global_step and self.last_model_path:
+            return  # written a moment ago, at this very step
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self._last_global_step_saved == trainer.global_step:
+            self._last_saved_step = trainer.global_step
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         if not model_is_finite(trainer, trainer.lightning_module):

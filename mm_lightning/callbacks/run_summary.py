@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from typing import Any
 
 import lightning as L
 import torch
 
-from mm_lightning.callbacks.guards import is_interruption
+from mm_lightning.callbacks.guards import SignalGuard, is_interruption
 
 
 def summary_value(value: Any) -> float | str | None:
@@ -100,5 +101,8 @@ class RunSummary(L.Callback):
         if trainer.state.fn == "fit":
             self._progress(trainer)
         message = str(exception).strip().splitlines()
+        signum = next((c.signum for c in trainer.callbacks if isinstance(c, SignalGuard) and c.signum), None)
+        if is_interruption(exception) and signum is not None:
+            message = [f"interrupted by {signal.Signals(signum).name}"]
         self.metrics["error"] = (message[0] if message else type(exception).__name__)[:500]
         self._write(trainer, "interrupted" if is_interruption(exception) else "failed")
