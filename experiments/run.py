@@ -50,11 +50,15 @@ _CLAIMS: list[RunDirClaim] = []  # run directories this process holds; main() re
 
 
 class UsageError(SystemExit):
-    """A user mistake; exits with status 2 and a one-line message (``.message``) naming the flag or file."""
+    """A user mistake, as one line naming the flag or file (``.message``).
+
+    :func:`main` prints it and exits with status 2; raised elsewhere (an entry point building from the CLI)
+    Python prints it and exits with status 1.
+    """
 
     def __init__(self, message: str) -> None:
-        super().__init__(2)
         self.message = f"error: {_one_line(message)}"
+        super().__init__(self.message)
 
     def __str__(self) -> str:
         return self.message
@@ -181,7 +185,8 @@ class MMLightningCLI(LightningCLI):
         self.signal_guard = signal_guard or SignalGuard()
         self.claim: RunDirClaim | None = None
         self._to_claim: tuple[str, str, str | None, bool, bool] | None = None
-        check_config_files(list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else [])
+        if args is None or isinstance(args, (list, tuple)):
+            check_config_files(list(sys.argv[1:] if args is None else args))
         super().__init__(
             model_class=L.LightningModule,
             subclass_mode_model=True,
@@ -232,11 +237,13 @@ class MMLightningCLI(LightningCLI):
         directory, all before anything is written; then apply the checkpoint's hyper-parameters to the
         model's config as LightningCLI does."""
         subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        cfg = self.config[subcommand]
+        cfg = self.config[subcommand] if subcommand else self.config
         configs = cfg.get("config") or []
         cfg.run_name = cfg.run_name or (Path(str(configs[0])).stem if configs else "run")
+        if not subcommand:  # run=False: build only; the trainer gets a directory name, nothing is created
+            if cfg.trainer.default_root_dir is None:
+                cfg.trainer.default_root_dir = os.environ.get(RUN_DIR_ENV) or new_run_dir_name("runs", cfg.run_name)
+            return
         if cfg.get("weights_only") is False:
             raise UsageError("--weights_only false: refused, unpickling a checkpoint's objects can run code; "
                              "checkpoints load weights-only")
@@ -273,7 +280,16 @@ class MMLightningCLI(LightningCLI):
                 raise UsageError(f"--ckpt_path {ckpt}: its hyper-parameters do not fit the model's config: "
                                  f"{err.message.removeprefix('error: ')}") from None
 
-    def _resolve_ckpt_path(self, cfg: Any, subcommand: str, root: str | None, requeued: bool) -> str | None:
+    @staticmethod
+    def _check_resume(self: Any, cfg: Any, root: str) -> None:
+        """The fit-time rules for ``root`` and ``cfg.ckpt_path`` (a requeued SLURM job takes its newest checkpoint;
+        a directory holding a run is refused unless resumed from its own), without loading anything."""
+        requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+        ckpt = MMLightningCLI._resolve_ckpt_path(cfg, "fit", root, requeued)
+        MMLightningCLI._check_allowed(root, "fit", ckpt, requeued)
+
+    @staticmethod
+    def _resolve_ckpt_path(cfg: Any, subcommand: str, root: str | None, requeued: bool) -> str | None:
         """``--ckpt_path`` as a file: ``last``/``best`` in the run directory, ``hpc`` (Lightning's SLURM
         checkpoint), or the newest checkpoint of a requeued SLURM job."""
         ckpt = cfg.get("ckpt_path")
@@ -354,17 +370,6 @@ class MMLightningCLI(LightningCLI):
             data = cfg.data
             splits = {"fit": ("train", "val", "test"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
             prepare_builtin_data([data.get(s) for s in splits.get(self.subcommand, ())])
-
-    def instantiate_classes(self) -> None:
-        """Build model, data and trainer; a constructor's error becomes one line naming the section."""
-        try:
-            super().instantiate_classes()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except Exception as err:
-            if os.environ.get(DEBUG_ENV):
-                raise
-            raise UsageError(_instantiation_error(err)) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -476,18 +481,17 @@ def _check_resumable(path: str, ckpt: dict[str, Any], max_epochs: int | None) ->
         )
 
 
-def _instantiation_error(err: BaseException) -> str:
-    """The innermost cause of an error raised while building the model, data or trainer, as one line."""
+def _root_message(err: BaseException) -> str:
+    """The innermost cause of an error (e.g. a constructor's, wrapped by jsonargparse while building the model,
+    data or trainer) as one line, prefixed by the config section when the wrapper names it."""
     inner = err
     while inner.__cause__ is not None or (inner.__context__ is not None and not inner.__suppress_context__):
         inner = inner.__cause__ or inner.__context__
-    text = str(err)
-    section = re.search(r'Parser key "([\w.]+)"', text)
-    where = section.group(1) if section else next((k for k in ("model", "data", "trainer") if f"{k}." in text), None)
-    message = str(inner).strip() or type(inner).__name__
-    if inner is err:
-        message = _one_line(message)
-    return f"{where}: {message}" if where and not message.startswith(f"{where}.") else message
+    section = re.search(r'Parser key "([\w.]+)"', str(err)) if inner is not err else None
+    message = _one_line(str(inner).strip() or type(inner).__name__)
+    if section and not message.startswith(section.group(1)):
+        return f"{section.group(1)}: {message}"
+    return message
 
 
 #: errors that name what the user gave (a flag, file, shard, key): one line, exit 2, at any time
@@ -514,7 +518,7 @@ def exit_status(err: BaseException, guard: SignalGuard) -> tuple[int, str | None
         return 2, err.message
     if isinstance(err, SystemExit):
         return (err.code if isinstance(err.code, int) else 1), None
-    message = f"error: {_one_line(str(err)) or type(err).__name__}"
+    message = f"error: {_root_message(err)}"  # a constructor's error wrapped by jsonargparse: its cause
     if isinstance(err, RUN_FAILURES):
         return 1, message
     if isinstance(err, USER_ERRORS):

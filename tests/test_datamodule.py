@@ -142,19 +142,22 @@ def _corrupt_shards(directory: Path) -> str:
     return str(directory / "bad-*.tar")
 
 
-def readable_before_cut(directory: Path) -> int:
-    """Samples of _corrupt_shards' bad-b whose every member lies before the cut (counted from the uncut tar)."""
+def whole_samples_before(data: bytes, cut: int) -> int:
+    """How many samples of the tar ``data`` lie wholly before byte ``cut`` (every member's data ends before it)."""
     import io
     import tarfile
 
-    full = (directory / "bad-b.full").read_bytes()
-    cut = (directory / "bad-b-000000.tar").stat().st_size
     ends: dict[str, int] = {}
-    with tarfile.open(fileobj=io.BytesIO(full)) as t:
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
         for m in t.getmembers():
             key = m.name.split(".", 1)[0]
             ends[key] = max(ends.get(key, 0), m.offset_data + m.size)
     return sum(1 for end in ends.values() if end <= cut)
+
+
+def readable_before_cut(directory: Path) -> int:
+    """Samples of _corrupt_shards' bad-b whose every member lies before the cut (counted from the uncut tar)."""
+    return whole_samples_before((directory / "bad-b.full").read_bytes(), (directory / "bad-b-000000.tar").stat().st_size)
 
 
 def test_bad_samples_are_skipped_counted_and_warned_per_shard(tmp_path):

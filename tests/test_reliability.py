@@ -26,6 +26,7 @@ from mm_lightning.data.datamodule import BadSampleError, WebDataModule
 from mm_lightning.data.samples import ClassificationPipeline
 from mm_lightning.data.shards import count_tar_samples, read_sizes, write_shards
 from tests.conftest import REPO, colour_image, png_bytes
+from tests.test_datamodule import whole_samples_before
 from tests.test_run import TINY, data_flags, run_cli
 
 PIPE = ClassificationPipeline(16, (1.0, 1.0), False, (0.5,) * 3, (0.5,) * 3)
@@ -83,16 +84,6 @@ def _eval(dm: WebDataModule, split: str = "test") -> tuple[int, list[str]]:
         loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
         seen = sum(len(dm.on_before_batch_transfer(b, 0)["label"]) for b in loader)
     return seen, [str(w.message) for w in record]
-
-
-def _complete_before(data: bytes, cut: int) -> int:
-    """How many samples of a tar lie wholly before byte ``cut`` (every member's data ends before it)."""
-    ends: dict[str, int] = {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for m in tar.getmembers():
-            key = m.name.split(".", 1)[0]
-            ends[key] = max(ends.get(key, 0), m.offset_data + m.size)
-    return sum(1 for end in ends.values() if end <= cut)
 
 
 # ------------------------------------------------------------------- 1. code execution from a checkpoint
@@ -380,7 +371,7 @@ def _broken_shards(directory: Path) -> tuple[str, int]:
     cut = png.offset_data + png.size // 2
     cut_tar.write_bytes(data[:cut])
     (directory / "sizes.json").unlink()
-    return str(directory / "*.tar"), 12 + _complete_before(data, cut)
+    return str(directory / "*.tar"), 12 + whole_samples_before(data, cut)
 
 
 def test_zero_byte_and_truncated_shards_without_sizes_are_counted_skipped_and_named(tmp_path):
