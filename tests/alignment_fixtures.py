@@ -26,15 +26,17 @@ def colour_tokenizer(directory: Path) -> ChatTokenizer:
     return ChatTokenizer(train_chat_tokenizer(texts, directory / CHAT_TOKENIZER_DIR, vocab_size=300))
 
 
-def write_colour_pairs(directory: Path, prefix: str, n: int, seed: int) -> str:
+def write_colour_pairs(directory: Path, prefix: str, n: int, seed: int, random_answers: bool = False) -> str:
     """``n`` colour-square images with a pair each: the true colour chosen, another colour rejected. Which
-    answer is right depends on the image only: a text-only preference is right half the time."""
+    answer is right depends on the image only: a text-only preference is right half the time. With
+    ``random_answers`` the chosen colour is drawn at random instead (an answer format without the facts)."""
     rng = np.random.default_rng(seed)
     samples = []
     for i in range(n):
         label = int(rng.integers(4))
-        other = (label + int(rng.integers(1, 4))) % 4
-        pair = {"prompt": f"<image>\n{QUESTION}", "chosen": f"It is {COLOURS[label]}.",
+        answer = int(rng.integers(4)) if random_answers else label
+        other = (answer + int(rng.integers(1, 4))) % 4
+        pair = {"prompt": f"<image>\n{QUESTION}", "chosen": f"It is {COLOURS[answer]}.",
                 "rejected": f"It is {COLOURS[other]}.", "type": "colour"}
         samples.append({"__key__": f"{prefix}{i:05d}", "png": png_bytes(colour_image(label, rng, 32)),
                         "json": json.dumps(pair).encode()})
@@ -43,8 +45,8 @@ def write_colour_pairs(directory: Path, prefix: str, n: int, seed: int) -> str:
 
 
 def colour_data(tok: ChatTokenizer, directory: Path, num_image_tokens: int, train: int = 256, val: int = 128,
-                batch_size: int = 32) -> WebDataModule:
-    specs = {split: write_colour_pairs(directory, f"colours-{split}", n, seed)
+                batch_size: int = 32, random_answers: bool = False) -> WebDataModule:
+    specs = {split: write_colour_pairs(directory, f"colours-{split}", n, seed, random_answers)
              for split, n, seed in (("train", train, 1), ("val", val, 2), ("test", val, 3))}
     pipe = PreferencePipeline(tok, num_image_tokens=num_image_tokens, max_length=64, image_size=32)
     return WebDataModule(train=specs["train"], val=specs["val"], test=specs["test"], pipeline=pipe,
