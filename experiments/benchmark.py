@@ -378,6 +378,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "presets" in parts:
         print("(c) presets and precisions", flush=True)
         result["presets"] = preset_runs(configs, args)
+    if "dpo" in parts:  # DPO's reference forward, live vs precomputed: experiments/benchmark_dpo.py (its flags there)
+        from experiments.benchmark_dpo import dpo_efficiency
+
+        result["dpo"] = dpo_efficiency(configs, args)
     out = Path(args.out or REPO / "runs" / "benchmark" / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
