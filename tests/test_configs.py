@@ -13,6 +13,14 @@ from mm_lightning.data.datamodule import WebDataModule
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.yaml"))
+OVERLAY_BASE = REPO / "experiments" / "configs" / "mllm_mlp_shapes.yaml"
+
+
+def stacked(config: Path) -> list[str]:
+    """``--config`` flags of ``config``; a stage overlay (first line ``# Stage overlay``) is built stacked on the
+    MLLM config it continues, as its recipe stage runs it."""
+    overlay = config.read_text().startswith("# Stage overlay")
+    return [a for c in ([OVERLAY_BASE, config] if overlay else [config]) for a in ("--config", str(c))]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,7 @@ def test_shipped_config_builds(config: Path, builtin_data: Path, tmp_path: Path,
     monkeypatch.setattr(sys, "argv", ["experiments.run"])
     monkeypatch.setenv("MM_RUN_DIR", str(tmp_path))  # restored after the test; the CLI sets it in-process
     cli = MMLightningCLI(
-        args=["--config", str(config), "--prepare_data=false", "--logger=none", f"--trainer.default_root_dir={tmp_path}"],
+        args=[*stacked(config), "--prepare_data=false", "--logger=none", f"--trainer.default_root_dir={tmp_path}"],
         run=False,
     )
     assert isinstance(cli.model, L.LightningModule)
