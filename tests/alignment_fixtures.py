@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 
 from mm_lightning.data.chat_tokenizer import CHAT_TOKENIZER_DIR, ChatTokenizer, train_chat_tokenizer
@@ -51,6 +52,23 @@ def colour_data(tok: ChatTokenizer, directory: Path, num_image_tokens: int, trai
     pipe = PreferencePipeline(tok, num_image_tokens=num_image_tokens, max_length=64, image_size=32)
     return WebDataModule(train=specs["train"], val=specs["val"], test=specs["test"], pipeline=pipe,
                          batch_size=batch_size, num_workers=0, strict=True)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> ChatTokenizer:
+    """The colour questions' tokenizer (one per test module)."""
+    return colour_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a test module's colour-pair shards are written."""
+    return tmp_path_factory.mktemp("colours")
+
+
+def data(tok: ChatTokenizer, data_dir: Path, **kwargs: Any) -> WebDataModule:
+    """:func:`colour_data` for the tiny tasks of :func:`tiny` (16 image tokens)."""
+    return colour_data(tok, data_dir, num_image_tokens=16, **kwargs)
 
 
 def tiny(cls: type, tokenizer: ChatTokenizer, **kwargs: Any) -> Any:

@@ -15,21 +15,7 @@ from mm_lightning.callbacks.vqa import VQAEvaluation
 from mm_lightning.data.preferences import concatenated
 from mm_lightning.tasks.dpo import DPOTask
 from mm_lightning.tasks.vlm import VisionLanguageTask
-from tests.alignment_fixtures import colour_data, colour_tokenizer, first_batch, tiny, trainer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory):
-    return colour_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("colours")
-
-
-def data(tok, data_dir: Path, **kwargs):
-    return colour_data(tok, data_dir, num_image_tokens=16, **kwargs)
+from tests.alignment_fixtures import data, data_dir, first_batch, tiny, tok, trainer  # noqa: F401 (fixtures)
 
 
 def test_at_step_0_the_loss_is_ln2_and_the_rewards_are_0(tok, data_dir: Path, tmp_path: Path) -> None:

@@ -13,21 +13,7 @@ from mm_lightning.data.preferences import concatenated
 from mm_lightning.models.reward import ScalarHead, last_attended_index, last_token_pool
 from mm_lightning.tasks.reward import RewardTask
 from mm_lightning.tasks.rlhf import PolicyOptimizationTask, completion_mask
-from tests.alignment_fixtures import colour_data, colour_tokenizer, first_batch, tiny, trainer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory):
-    return colour_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("colours")
-
-
-def data(tok, data_dir: Path, **kwargs):
-    return colour_data(tok, data_dir, num_image_tokens=16, **kwargs)
+from tests.alignment_fixtures import data, data_dir, first_batch, tiny, tok, trainer  # noqa: F401 (fixtures)
 
 
 # ---------------------------------------------------------------------------------------- pooling
@@ -65,8 +51,8 @@ def test_rewards_ignore_right_padding_and_start_at_ln2(tok, data_dir: Path, tmp_
 @pytest.mark.slow
 def test_a_short_reward_model_run_orders_held_out_pairs(tok, data_dir: Path, tmp_path: Path) -> None:
     """As the DPO test: 128 held-out pairs whose order needs the image; chance 1/2, 4 sigma = 0.18."""
-    task = tiny(RewardTask, tok, lr=3e-3, head_lr=1e-2, warmup_steps=5)
-    trainer(tmp_path, 40, limit_val_batches=0).fit(task, datamodule=data(tok, data_dir))
+    task = tiny(RewardTask, tok, lr=3e-3, head_lr=3e-2, warmup_steps=5)
+    trainer(tmp_path, 80, limit_val_batches=0).fit(task, datamodule=data(tok, data_dir))
     metrics = trainer(tmp_path, 1).validate(task, datamodule=data(tok, data_dir), verbose=False)[0]
     assert metrics["val/reward_accuracy"] > 0.68, metrics
 
@@ -151,9 +137,11 @@ def test_policy_optimisation_with_the_rule_reward_raises_the_reward(tok, data_di
     then GRPO with the exact-match reward: the mean sampled reward must rise by more than its noise."""
     from mm_lightning.tasks.dpo import DPOTask
 
-    warm = tiny(DPOTask, tok, lr=3e-3, sft_weight=1.0, beta=0.01)
-    trainer(tmp_path / "warm", 15, limit_val_batches=0).fit(warm, datamodule=data(tok, data_dir))
-    task = tiny(PolicyOptimizationTask, tok, reward="exact_match", num_generations=4, lr=3e-3, kl_coef=0.01)
+    warm = tiny(DPOTask, tok, lr=3e-3, sft_weight=1.0, beta=0.01, max_new_tokens=10)  # chosen colours drawn at random: the format only
+    fmt = data(tok, tmp_path / "random", random_answers=True)
+    trainer(tmp_path / "warm", 40, limit_val_batches=0).fit(warm, datamodule=fmt)
+    task = tiny(PolicyOptimizationTask, tok, reward="exact_match", num_generations=4, lr=3e-3, kl_coef=0.01,
+                max_new_tokens=10)
     task.load_state_dict(warm.state_dict())
     before = trainer(tmp_path / "a", 1).validate(task, datamodule=data(tok, data_dir), verbose=False)[0]
     trainer(tmp_path / "b", 40, limit_val_batches=0).fit(task, datamodule=data(tok, data_dir, batch_size=16))
