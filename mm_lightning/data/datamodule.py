@@ -27,10 +27,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from mm_lightning.data.samples import ClassificationPipeline, SamplePipeline
 from mm_lightning.data.shards import ShardSpec, ShardSpecError, list_shards, read_manifest, read_sizes
+from mm_lightning.data.tar_reader import tar_members
 
 SPLITS = ("train", "val", "test", "predict")
 # Our IterableDataset's __len__ is exact across workers (see ShardDataset); Lightning's generic caution does not apply.
@@ -132,7 +133,7 @@ class ShardDataset(IterableDataset):
             last_key = "<start of shard>"
             try:
                 with open(shard, "rb") as f:
-                    files = tar_file_iterator(f)
+                    files = tar_members(f)
                     for sample in group_by_keys(({**m, "__url__": shard} for m in files)):
                         last_key = sample["__key__"]
                         yield sample
