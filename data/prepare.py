@@ -1,4 +1,4 @@
-"""Write the data sets' WebDataset shards: ``python -m data.prepare {shapes,digits,images,captions,tokenizer} ...``.
+"""Write the data sets' WebDataset shards: ``python -m data.prepare {shapes,digits,images,captions,conversations,tokenizer} ...``.
 
 * ``shapes``: the procedural shapes world (:mod:`mm_lightning.data.synthetic`), every task's default.
 * ``digits``: scikit-learn's handwritten digits (ship with the package; nothing is downloaded).
@@ -6,6 +6,10 @@
 * ``captions``: a ``.jsonl`` or ``.csv`` list of (image path, caption) pairs, written as image-text shards in
   img2dataset's layout (``.jpg``/``.png`` + ``.txt`` + ``.json``) with a BPE ``tokenizer.json`` for CLIP.
 * ``tokenizer``: a BPE ``tokenizer.json`` trained on the captions of existing shards (yours, img2dataset's).
+* ``conversations``: a LLaVA-format ``.json`` list of ``{"id", "image", "conversations"}`` and its image folder,
+  written as instruction shards (image + ``.json``) with a chat tokenizer (:mod:`data.conversations`).
+* ``preferences``: a ``.jsonl`` of ``{"image", "prompt", "chosen", "rejected"}`` rows and its image folder, written
+  as preference shards (image + ``.json``) with a chat tokenizer (:mod:`data.preferences`).
 
 Each writes ``{name}-{split}-000000.tar ...`` into one directory, with ``sizes.json`` (samples per
 shard) and ``manifest.json`` (name, classes, image size, seed, and per split its sample count,
@@ -411,15 +415,20 @@ def _lock(directory: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _tokenizer_missing(directory: str | os.PathLike) -> bool:
+    """Whether a complete data set has training captions but no ``tokenizer.json``."""
+    manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    return (not (Path(directory) / TOKENIZER_FILE).is_file() and "txt" in (manifest.get("members") or [])
+            and bool((manifest.get("splits") or {}).get("train")))
+
+
 def ensure_tokenizer(directory: str | os.PathLike) -> bool:
     """Train ``tokenizer.json`` from the training captions of a complete data set that has captions but no tokenizer."""
-    path = Path(directory) / TOKENIZER_FILE
-    manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
-    train = (manifest.get("splits") or {}).get("train")
-    if path.is_file() or "txt" not in (manifest.get("members") or []) or not train:
+    if not _tokenizer_missing(directory):
         return False
-    shards = [str(Path(directory) / name) for name in braceexpand.braceexpand(train["pattern"])]
-    train_tokenizer_from_shards(shards, path)
+    manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    shards = [str(Path(directory) / name) for name in braceexpand.braceexpand(manifest["splits"]["train"]["pattern"])]
+    train_tokenizer_from_shards(shards, Path(directory) / TOKENIZER_FILE)
     return True
 
 
@@ -427,6 +436,15 @@ def _stale(directory: str) -> bool:
     """Whether built-in shapes shards were written by an older version of the shapes generator."""
     manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
     return manifest.get("generator") == "mm_lightning.data.synthetic" and manifest.get("generator_version") != synthetic.VERSION
+
+
+def pending_builtin(spec: str | Sequence[str]) -> list[str]:
+    """The built-in data set directories ``spec`` points into that still need writing (checked without a lock).
+
+    A directory is done when complete, written by the current generator and, with captions, tokenized.
+    """
+    return [key for key in builtin_locations(spec)
+            if not (is_prepared(key) and not _stale(key) and not _tokenizer_missing(key))]
 
 
 def ensure_builtin(spec: str | Sequence[str]) -> bool:
@@ -438,7 +456,7 @@ def ensure_builtin(spec: str | Sequence[str]) -> bool:
     regenerated.
     """
     generated = False
-    for key in builtin_locations(spec):
+    for key in pending_builtin(spec):  # complete ones are only read: no lock file (a read-only volume works)
         with _lock(key):
             if is_prepared(key) and not _stale(key):
                 ensure_tokenizer(key)  # shards written before tokenizer.json existed
@@ -561,6 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary of tokenizer.json (default: %(default)s)")
     p.set_defaults(run=_run_captions)
 
+    from data import conversations
+
+    p = sub.add_parser("conversations", help="a LLaVA-format .json and its images: instruction shards for the MLLM")
+    _common(p, None)
+    conversations.add_arguments(p)
+    p.set_defaults(run=conversations.run)
+
     p = sub.add_parser("tokenizer", help="train a BPE tokenizer.json on the captions (.txt) of existing shards")
     p.add_argument("--shards", required=True, help="training shards (directory, glob or brace pattern)")
     p.add_argument("--out", required=True, help="where to write tokenizer.json")
@@ -568,6 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair (default: %(default)s)")
     p.add_argument("--caption-key", default="txt", help="caption member of a sample (default: %(default)s)")
     p.set_defaults(run=_run_tokenizer)
+
+    from data import preferences
+
+    p = sub.add_parser("preferences", help="a .jsonl of {image, prompt, chosen, rejected} rows: preference shards")
+    _common(p, None)
+    preferences.add_arguments(p)
+    p.set_defaults(run=preferences.run)
     return parser
 
 

@@ -2,6 +2,10 @@
 
 Started by ``tests/test_contrastive_losses.py`` with ``torch.multiprocessing.spawn``; each rank
 writes what it computed to ``<out>/rank<r>.pt`` for the parent to compare with one process.
+
+Inputs, weights and the MoCo task are float64: the tests check identities, and float32 kernels
+differ between CPUs and between 1 and 2 processes; in float64 the two sides agree to ~1e-15, and
+the tolerance :data:`RTOL`/:data:`ATOL` sits far above that and far below a real error (> 1e-4).
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ from mm_lightning.losses.contrastive import nt_xent_loss
 WORLD = 2
 N_LOCAL = 3  # samples per rank
 DIM = 5
+RTOL, ATOL = 1e-9, 1e-12
 
 
 def make_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
     """The global batch and a tiny projection both the reference and the ranks use."""
     g = torch.Generator().manual_seed(seed)
     return {
-        "x1": torch.randn(WORLD * N_LOCAL, DIM, generator=g),
-        "x2": torch.randn(WORLD * N_LOCAL, DIM, generator=g),
-        "weight": torch.randn(4, DIM, generator=g),
+        "x1": torch.randn(WORLD * N_LOCAL, DIM, generator=g, dtype=torch.float64),
+        "x2": torch.randn(WORLD * N_LOCAL, DIM, generator=g, dtype=torch.float64),
+        "weight": torch.randn(4, DIM, generator=g, dtype=torch.float64),
     }
 
 
@@ -37,7 +42,7 @@ def reference(temperature: float) -> dict[str, torch.Tensor]:
     z2 = data["x2"].clone().requires_grad_(True)
     loss = nt_xent_loss(z1, z2, temperature)
     loss.backward()
-    proj = torch.nn.Linear(DIM, 4, bias=False)
+    proj = torch.nn.Linear(DIM, 4, bias=False, dtype=torch.float64)
     with torch.no_grad():
         proj.weight.copy_(data["weight"])
     nt_xent_loss(proj(data["x1"]), proj(data["x2"]), temperature).backward()
@@ -62,7 +67,7 @@ def nt_xent_worker(rank: int, port: int, out: str, temperature: float) -> None:
         loss = nt_xent_loss(z1, z2, temperature, gather=True)
         loss.backward()
         # the same through DDP, which averages parameter gradients over ranks
-        proj = torch.nn.Linear(DIM, 4, bias=False)
+        proj = torch.nn.Linear(DIM, 4, bias=False, dtype=torch.float64)
         with torch.no_grad():
             proj.weight.copy_(data["weight"])
         ddp = DistributedDataParallel(proj)
@@ -90,9 +95,10 @@ def moco_queue_worker(rank: int, port: int, out: str) -> None:
             backbone="vit_tiny_patch16_224",
             backbone_kwargs={"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2},
             proj_hidden_dim=16, proj_dim=8, queue_size=16, symmetric=False,
-        )
+        ).double()
         torch.manual_seed(100 + rank)  # different data on each rank
-        batch = {"view1": torch.randn(4, 3, 16, 16), "view2": torch.randn(4, 3, 16, 16)}
+        batch = {"view1": torch.randn(4, 3, 16, 16, dtype=torch.float64),
+                 "view2": torch.randn(4, 3, 16, 16, dtype=torch.float64)}
         keys = task.keys(batch["view2"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # self.log without a trainer

@@ -267,3 +267,133 @@ def test_a_too_long_sample_is_skipped_and_counted_or_raises_naming_shard_and_key
     with pytest.warns(UserWarning, match="sample 'long1'"):
         batches = list(dm.val_dataloader())
     assert [k for b in batches for k in b["keys"]] == ["good0"] and sum(b["skipped"] for b in batches) == 1
+
+
+# --------------------------------------------------- python -m data.prepare conversations
+def _llava_source(tmp_path: Path, entries: int = 8) -> tuple[Path, Path, list[dict]]:
+    """A tiny LLaVA-format json and its image folder (PNG and JPEG in sub-folders), written with PIL."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    data = []
+    for i in range(entries):
+        rel = f"{'coco' if i % 2 else 'vg'}/{i:04d}.{'jpg' if i % 2 else 'png'}"
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / rel)
+        turns = [{"from": "human", "value": f"What is in picture {i}?\n<image>"}, {"from": "gpt", "value": f"Picture {i}."}]
+        if i % 3 == 0:
+            turns += [{"from": "human", "value": "And its colours?"}, {"from": "gpt", "value": "Noise, mostly."}]
+        data.append({"id": f"img-{i}", "image": rel, "conversations": turns})
+    src = tmp_path / "llava.json"
+    src.write_text(json.dumps(data))
+    return src, images, data
+
+
+def _prepare(*args: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    return subprocess.run([sys.executable, "-m", "data.prepare", "conversations", *args, "--no-progress"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_prepare_conversations_writes_instruction_shards_a_data_module_reads(tmp_path: Path) -> None:
+    import tarfile
+
+    src, images, data = _llava_source(tmp_path)
+    out = tmp_path / "out"
+    from data import prepare
+
+    manifest = prepare.main(["conversations", "--src", str(src), "--images", str(images), "--out", str(out),
+                             "--val-fraction", "0.25", "--test-fraction", "0", "--samples-per-shard", "2", "--no-progress"])
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert {k: v["num_samples"] for k, v in manifest["splits"].items()} == {"train": 6, "val": 2}
+    assert manifest["chat_tokenizer"] == CHAT_TOKENIZER_DIR and manifest["format"] == "llava"
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sum(sizes.values()) == 8 and len(sizes) == 4
+    members = {}
+    for shard in sorted(out.glob("llava-*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    assert sorted(members) == [f"{i:09d}" for i in range(8)]
+    for key, sample in members.items():
+        i = int(key)
+        assert set(sample) == {"png" if i % 2 == 0 else "jpg", "json"}
+        assert sample["png" if i % 2 == 0 else "jpg"] == (images / data[i]["image"]).read_bytes()  # original bytes
+        assert json.loads(sample["json"]) == {"id": f"img-{i}", "image": data[i]["image"], "conversations": data[i]["conversations"]}
+
+    tok = ChatTokenizer(out / CHAT_TOKENIZER_DIR)
+    dm = WebDataModule(train=str(out / "llava-train-*.tar"), val=str(out / "llava-val-*.tar"), batch_size=3, num_workers=0,
+                       pipeline=ConversationPipeline(tok, num_image_tokens=2, max_length=64, image_size=16), strict=True)
+    dm.setup("fit")
+    val = list(dm.val_dataloader())
+    by_key = {k: (a, t) for b in val for k, a, t in zip(b["keys"], b["answers"], b["question_types"])}
+    assert len(by_key) == 2
+    for key, (answer, qtype) in by_key.items():
+        assert answer == data[int(key)]["conversations"][-1]["value"] and qtype == "unknown"
+    train = next(iter(dm.train_dataloader()))
+    assert train["image"].shape == (3, 3, 16, 16) and ((train["input_ids"] == tok.image_token_id).sum(1) == 2).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d[3].update(image="vg/missing.png"),
+     "entry 3 \\(id 'img-3'\\): image 'vg/missing.png' not found under --images"),
+    (lambda d: d[2]["conversations"].reverse(), "entry 2 \\(id 'img-2'\\): malformed conversation: turn 0 is from the assistant"),
+    (lambda d: d[5]["conversations"][0].update(value="What?"), "entry 5 \\(id 'img-5'\\): malformed conversation: no <image>"),
+    (lambda d: d[1].pop("conversations"), "entry 1 \\(id 'img-1'\\) has no 'conversations'"),
+    (lambda d: d[4].update(image=["a.png", "b.png"]), "entry 4 \\(id 'img-4'\\): 'image' must be one relative path"),
+    (lambda d: d[6].pop("image"), "entry 6 \\(id 'img-6'\\) has no 'image' \\(text-only entry; --skip-text-only"),
+    (lambda d: d.__setitem__(0, "hello"), "entry 0 is a str, not an object"),
+])
+def test_prepare_conversations_names_the_bad_entry_and_writes_nothing(tmp_path: Path, change, message: str) -> None:
+    from data.conversations import prepare_conversations
+
+    src, images, data = _llava_source(tmp_path)
+    change(data)
+    src.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        prepare_conversations(src, images, out, progress=False)
+    assert not out.exists()  # checked before anything is written
+
+
+def test_prepare_conversations_cli_errors_are_one_line_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from data import prepare
+
+    src, images, data = _llava_source(tmp_path, entries=4)
+    out = tmp_path / "out"
+    args = ["conversations", "--src", str(src), "--images", str(images), "--out", str(out), "--no-progress"]
+    prepare.main(args)
+    before = (out / "manifest.json").read_text()
+    data[2]["image"] = "coco/nope.jpg"
+    src.write_text(json.dumps(data))
+    run = _prepare(*args[1:-1])  # the real command line, once
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().count("\n") == 0 and "entry 2 (id 'img-2'): image 'coco/nope.jpg' not found" in run.stderr
+    assert (out / "manifest.json").read_text() == before  # the earlier complete data set is untouched
+    src.write_text("[{\"id\": 1,")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is not JSON" in err and err.strip().count("\n") == 0
+
+
+def test_prepare_conversations_skips_text_only_entries_on_request(tmp_path: Path) -> None:
+    from data.conversations import prepare_conversations
+
+    src, images, data = _llava_source(tmp_path)
+    data.insert(0, {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]})
+    src.with_suffix(".jsonl").write_text("\n".join(json.dumps(d) for d in data) + "\n")
+    manifest = prepare_conversations(src.with_suffix(".jsonl"), images, tmp_path / "out", val_fraction=0, test_fraction=0,
+                                     skip_text_only=True, progress=False)
+    assert manifest["splits"]["train"]["num_samples"] == 8 and manifest["skipped_text_only"] == 1
+    import tarfile
+
+    keys = {m.name.split(".")[0] for shard in (tmp_path / "out").glob("*.tar") for m in tarfile.open(shard).getmembers()}
+    assert keys == {f"{i:09d}" for i in range(1, 9)}  # a sample's key is its entry's index in --src

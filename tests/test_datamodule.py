@@ -121,7 +121,10 @@ def test_missing_paths_and_too_few_shards_fail_before_training(tmp_path, colour_
 
 
 def _corrupt_shards(directory: Path) -> str:
-    """Good samples plus: garbage image bytes, a sample with no .cls, and a truncated shard."""
+    """Good samples plus: garbage image bytes, a sample with no .cls, and a truncated shard.
+
+    bad-a: 18 good samples, 2 bad ones; bad-b: 20 samples cut in the header after good0030 (11 samples
+    before the cut are whole, see :func:`readable_before_cut`). 3 skips in all."""
     rng = np.random.default_rng(0)
 
     def good(i: int) -> dict:
@@ -135,7 +138,26 @@ def _corrupt_shards(directory: Path) -> str:
     tar = directory / "bad-b-000000.tar"
     data = tar.read_bytes()
     tar.write_bytes(data[: len(data) // 2 + 100])  # cut mid-member
+    (directory / "bad-b.full").write_bytes(data)
     return str(directory / "bad-*.tar")
+
+
+def whole_samples_before(data: bytes, cut: int) -> int:
+    """How many samples of the tar ``data`` lie wholly before byte ``cut`` (every member's data ends before it)."""
+    import io
+    import tarfile
+
+    ends: dict[str, int] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        for m in t.getmembers():
+            key = m.name.split(".", 1)[0]
+            ends[key] = max(ends.get(key, 0), m.offset_data + m.size)
+    return sum(1 for end in ends.values() if end <= cut)
+
+
+def readable_before_cut(directory: Path) -> int:
+    """Samples of _corrupt_shards' bad-b whose every member lies before the cut (counted from the uncut tar)."""
+    return whole_samples_before((directory / "bad-b.full").read_bytes(), (directory / "bad-b-000000.tar").stat().st_size)
 
 
 def test_bad_samples_are_skipped_counted_and_warned_per_shard(tmp_path):
@@ -148,11 +170,12 @@ def test_bad_samples_are_skipped_counted_and_warned_per_shard(tmp_path):
         batches = [dm.on_before_batch_transfer(b, 0) for b in dm.test_dataloader()]
     good = sum(len(b["label"]) for b in batches)
     skipped = dm.num_skipped["test"]
-    assert 18 + 5 <= good < 38
-    assert skipped >= 3  # garbage image, missing label, truncated tar
+    assert readable_before_cut(tmp_path) == 11
+    assert good == 18 + 11  # every readable sample, the one right before the cut included
+    assert skipped == 3  # garbage image, missing label, the sample cut in the truncated tar
     messages = [str(w.message) for w in record]
     assert any("garbage0003" in m and "bad-a-000000.tar" in m for m in messages)
-    assert any("bad-b-000000.tar" in m for m in messages)
+    assert any("bad-b-000000.tar" in m and "unreadable after sample 'good0030'" in m for m in messages)
     assert len([m for m in messages if "bad-a-000000.tar" in m]) == 1  # once per shard
 
 

@@ -60,10 +60,13 @@ def _strip_run_flags(args: str) -> str:
     return re.sub(r"^(--\w+(=\S+)?\s+)+", "", args)  # RUN --mount=... --network=... <command>
 
 
-def test_base_image_is_cuda_runtime_matching_the_pinned_torch_build(steps):
+def test_base_image_is_a_build_argument_defaulting_to_cuda_runtime_matching_the_pinned_torch_build(steps):
     bases = [args for word, args in steps if word == "FROM"]
-    assert len(bases) == 1, bases
-    image = bases[0].split()[0]
+    assert bases == ["${BASE_IMAGE}"], f"FROM {bases}: the base must be the build argument BASE_IMAGE"
+    first_from = next(i for i, (word, _) in enumerate(steps) if word == "FROM")
+    defaults = dict(args.split("=", 1) for word, args in steps[:first_from] if word == "ARG" and "=" in args)
+    assert "BASE_IMAGE" in defaults, "ARG BASE_IMAGE=<default> must come before FROM"
+    image = defaults["BASE_IMAGE"].strip('"')
     match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)(\.\d+)?-(cudnn-)?runtime-ubuntu\d+\.\d+", image) or re.fullmatch(
         r"pytorch/pytorch:[\d.]+-cuda(\d+)\.(\d+)-cudnn\d+-runtime", image)
     assert match, f"{image}: expected an NVIDIA CUDA runtime or PyTorch CUDA runtime image"
@@ -129,6 +132,9 @@ def test_no_secrets_baked_into_image_or_compose(steps):
 def test_compose_reserves_gpus_and_mounts_data_runs_wandb():
     service = yaml.safe_load(COMPOSE.read_text())["services"]["train"]
     assert service["build"]["dockerfile"] == "docker/Dockerfile" and service["build"]["context"] == ".."
+    steps = instructions(DOCKERFILE.read_text())
+    default = next(args.split("=", 1)[1] for word, args in steps if word == "ARG" and args.startswith("BASE_IMAGE="))
+    assert service["build"]["args"]["BASE_IMAGE"] == f"${{BASE_IMAGE:-{default}}}", "compose and Dockerfile bases differ"
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     targets = {v.split(":")[1] for v in service["volumes"]}

@@ -56,7 +56,7 @@ def test_sample_members(samples: list[dict]) -> None:
     for s in samples[:20]:
         assert set(s) == {"__key__", "png", "cls", "txt", "json"}
         assert s["cls"] == syn.CLASS_NAMES.index(s["json"]["scene"]["shape"])
-        assert set(s["json"]) == {"scene", "captions", "conversations", "preference"}
+        assert set(s["json"]) == {"scene", "captions", "conversations", "preference", "confusion_preference"}
         assert s["txt"] in s["json"]["captions"] and s["json"]["captions"] == syn.all_captions(s["json"]["scene"])
 
 

@@ -9,17 +9,20 @@ exactly the same number of full batches (a worker whose shards run out starts th
 over), so every rank takes the same number of steps and DDP never waits on a rank
 that has run dry. Evaluation reads each sample exactly once.
 
-Bad samples (undecodable image, missing member, truncated or non-tar shard) are
-skipped and counted; the count travels with the next batch (key ``skipped``) and is
-summed here, where :class:`~mm_lightning.callbacks.data_monitor.DataMonitor` logs it
-as ``data/skipped``. ``strict=True`` raises :class:`BadSampleError` instead.
+Bad samples (undecodable image, missing member, a label outside the manifest's classes,
+a duplicate member) and broken shards (empty, truncated, not a tar: the complete samples
+before the break are kept, the rest counts as one skip naming the sample or member where
+it broke) are skipped, counted and warned about once per shard, naming shard and key.
+Counts travel with the batches (key ``skipped``; a worker holds back its last batch until
+its stream ends, so a skip after the last full batch is counted too) and are summed here,
+where :class:`~mm_lightning.callbacks.data_monitor.DataMonitor` logs them per epoch and in
+total. ``strict=True`` raises :class:`BadSampleError` instead, naming shard and key.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import tarfile
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,13 +30,20 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys
 
 from mm_lightning.data.samples import ClassificationPipeline, SamplePipeline
-from mm_lightning.data.shards import ShardSpec, ShardSpecError, list_shards, read_manifest, read_sizes
-from mm_lightning.data.tar_reader import tar_members
+from mm_lightning.data.shards import (
+    ShardSpec,
+    ShardSpecError,
+    count_tar_samples,
+    list_shards,
+    read_manifest,
+    read_sizes,
+    tar_samples,
+)
 
 SPLITS = ("train", "val", "test", "predict")
+SKIPPED_ONLY = "__skipped_only__"  # a worker's last word: skips that no batch was left to carry
 # Our IterableDataset's __len__ is exact across workers (see ShardDataset); Lightning's generic caution does not apply.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
@@ -50,8 +60,9 @@ class _SkipTracker:
         self.pending = 0
         self.warned: set[str] = set()
 
-    def skip(self, shard: str, key: str, error: BaseException) -> None:
-        message = f"shard {shard}, sample {key!r}: {type(error).__name__}: {error}"
+    def skip(self, shard: str, key: str | None, error: BaseException) -> None:
+        where = f"shard {shard}" if key is None else f"shard {shard}, sample {key!r}"
+        message = f"{where}: {type(error).__name__}: {error}"
         if self.strict:
             raise BadSampleError(f"bad data in {message} (strict mode; set data.strict: false to skip it)") from error
         self.pending += 1
@@ -62,16 +73,6 @@ class _SkipTracker:
     def pop(self) -> int:
         count, self.pending = self.pending, 0
         return count
-
-
-def count_tar_samples(path: str) -> int:
-    """Count the distinct sample keys in a tar by reading its headers (for shards without sizes.json)."""
-    keys = set()
-    with tarfile.open(path, "r|*") as stream:
-        for info in stream:
-            if info.isreg() and "." in info.name.split("/")[-1]:
-                keys.add(info.name.split(".", 1)[0])
-    return len(keys)
 
 
 class ShardDataset(IterableDataset):
@@ -91,6 +92,7 @@ class ShardDataset(IterableDataset):
         strict: bool,
         num_workers: int,
         length: int,
+        num_classes: int | None = None,
     ) -> None:
         self.shards = shards
         self.pipeline = pipeline
@@ -104,6 +106,7 @@ class ShardDataset(IterableDataset):
         self.strict = strict
         self.num_workers = num_workers
         self.length = length
+        self.num_classes = num_classes  # labels must lie in [0, num_classes) (the manifest's classes)
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already trained on (a resumed run skips them)
 
@@ -130,15 +133,20 @@ class ShardDataset(IterableDataset):
 
     def _samples(self, shards: list[str], tracker: _SkipTracker) -> Iterator[dict[str, Any]]:
         for shard in shards:
-            last_key = "<start of shard>"
-            try:
-                with open(shard, "rb") as f:
-                    files = tar_members(f)
-                    for sample in group_by_keys(({**m, "__url__": shard} for m in files)):
-                        last_key = sample["__key__"]
-                        yield sample
-            except (tarfile.TarError, OSError, ValueError) as e:
-                tracker.skip(shard, f"after {last_key}", e)
+            yield from tar_samples(shard, tracker.skip)
+
+    def _stream(self, rng: random.Random, worker: int, num_workers: int, tracker: _SkipTracker) -> Iterator[dict[str, Any]]:
+        """Every pass's samples, shuffled; a training worker whose shards yield nothing, pass after pass, fails."""
+        empty_passes = 0
+        for order in self._passes(rng, worker, num_workers):
+            got = False
+            for sample in self._shuffled(self._samples(order, tracker), rng):
+                got = True
+                yield sample
+            empty_passes = 0 if got else empty_passes + 1
+            if empty_passes >= 3:
+                shown = ", ".join(order[:3]) + (", ..." if len(order) > 3 else "")
+                raise BadSampleError(f"worker {worker} read no sample from its shards ({shown}): they are empty or unreadable")
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         if not self.training or self.shuffle_buffer <= 1:
@@ -165,10 +173,9 @@ class ShardDataset(IterableDataset):
         tracker = _SkipTracker(self.strict)
         # The shuffle buffer drains at the end of each pass, so one epoch sees each sample once
         # (workers with fewer samples start another pass to fill their quota of batches).
-        samples = (
-            s for order in self._passes(rng, worker, num_workers) for s in self._shuffled(self._samples(order, tracker), rng)
-        )
+        samples = self._stream(rng, worker, num_workers, tracker)
         batch: list[dict[str, Any]] = []
+        ready: list[dict[str, Any]] | None = None  # a full batch held back until the stream goes on
         # Resuming mid-epoch: the DataLoader hands batches out round-robin, so worker w served
         # every num_workers-th batch from w on; drop those samples undecoded.
         emitted = max(0, self.skip_batches - worker + num_workers - 1) // num_workers if self.worker_batches else 0
@@ -177,22 +184,48 @@ class ShardDataset(IterableDataset):
             if to_drop:
                 to_drop -= 1
                 continue
-            try:
-                batch.append(self.pipeline.decode(sample, self.training))
-            except BadSampleError:
-                raise
-            except Exception as e:  # any decode failure marks the sample bad
-                tracker.skip(sample.get("__url__", "?"), sample.get("__key__", "?"), e)
+            decoded = self._decode(sample, tracker)
+            if decoded is None:
+                if tracker.pending > 1000 * self.batch_size and not batch:
+                    raise BadSampleError(
+                        f"worker {worker} skipped {tracker.pending} samples in a row: the shards look unreadable"
+                    )
                 continue
+            if ready is not None:  # more data follows: the held batch can go, with the skips so far
+                yield self._collate(ready, tracker)
+                ready, emitted = None, emitted + 1
+            batch.append(decoded)
             if len(batch) == self.batch_size:
-                yield self._collate(batch, tracker)
-                batch, emitted = [], emitted + 1
-                if self.worker_batches is not None and emitted >= self.worker_batches:
+                if self.worker_batches is not None and emitted + 1 >= self.worker_batches:
+                    yield self._collate(batch, tracker)  # this worker's quota: it reads no further
                     return
-            elif tracker.pending > 1000 * self.batch_size and not batch:
-                raise BadSampleError(f"worker {worker} skipped {tracker.pending} samples in a row: the shards look unreadable")
+                ready, batch = batch, []
+        # the last batches carry every skip counted since the one before
+        if ready is not None:
+            yield self._collate(ready, tracker)
         if batch:
             yield self._collate(batch, tracker)
+        if tracker.pending:  # nothing left to carry them: the loader counts this record, the loop never sees it
+            yield {SKIPPED_ONLY: tracker.pop()}
+
+    def _decode(self, sample: dict[str, Any], tracker: _SkipTracker) -> dict[str, Any] | None:
+        """The pipeline's decoded sample, or ``None`` after counting it as bad."""
+        shard, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        try:
+            if "__duplicate__" in sample:
+                raise ValueError(f"member {sample['__duplicate__']} appears twice")
+            decoded = self.pipeline.decode(sample, self.training)
+            label = decoded.get("label") if isinstance(decoded, dict) else None
+            if self.num_classes and isinstance(label, int) and not 0 <= label < self.num_classes:
+                if not (label == -1 and not isinstance(self.pipeline, ClassificationPipeline)):  # -1: "no label"
+                    raise ValueError(f"label {label} is outside [0, {self.num_classes}): the data set has "
+                                     f"{self.num_classes} classes (manifest.json, or data.num_classes)")
+            return decoded
+        except BadSampleError:
+            raise
+        except Exception as e:  # any decode failure marks the sample bad
+            tracker.skip(shard, key, e)
+            return None
 
     def _collate(self, batch: list[dict[str, Any]], tracker: _SkipTracker) -> dict[str, Any]:
         out = self.pipeline.collate(batch)
@@ -205,16 +238,27 @@ class _EpochAwareLoader(DataLoader):
 
     Workers are re-created every epoch (no persistent workers), so they receive the
     dataset with the new epoch and shuffle differently, and a resumed run reproduces
-    the shuffle of the epoch it resumes.
+    the shuffle of the epoch it resumes. A worker's trailing skip-count record (no batch
+    was left to carry it) goes to ``count_fn`` and never reaches the loop.
     """
 
-    def __init__(self, dataset: ShardDataset, epoch_fn: Callable[[], int], **kwargs: Any) -> None:
+    def __init__(self, dataset: ShardDataset, epoch_fn: Callable[[], int], count_fn: Callable[[int], None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn = epoch_fn
+        self._count_fn = count_fn
 
     def __iter__(self):  # type: ignore[override]
         self.dataset.epoch = self._epoch_fn()
-        return super().__iter__()
+        return self._without_skip_records(super().__iter__())
+
+    def _without_skip_records(self, batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
+            if isinstance(batch, dict) and SKIPPED_ONLY in batch:
+                if self._count_fn is not None:
+                    self._count_fn(int(batch[SKIPPED_ONLY]))
+                continue
+            yield batch
 
 
 class _ResumableLoader(_EpochAwareLoader):
@@ -222,8 +266,9 @@ class _ResumableLoader(_EpochAwareLoader):
     many batches of which epoch were trained on, so a run resumed mid-epoch continues with the
     next unseen batch instead of reading the epoch from its start again."""
 
-    def __init__(self, dataset: ShardDataset, epoch_fn: Callable[[], int], progress_fn: Callable[[], int], **kwargs: Any) -> None:
-        super().__init__(dataset, epoch_fn, **kwargs)
+    def __init__(self, dataset: ShardDataset, epoch_fn: Callable[[], int], progress_fn: Callable[[], int],
+                 count_fn: Callable[[int], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(dataset, epoch_fn, count_fn, **kwargs)
         self._progress_fn = progress_fn
         self._resume: tuple[int, int] | None = None
 
@@ -259,7 +304,9 @@ class WebDataModule(L.LightningDataModule):
         resampled: draw training shards with replacement (for large or unbounded data); needs
             ``samples_per_epoch``.
         samples_per_epoch: global training samples per epoch; by default the size of the training set.
-        strict: raise on a bad sample instead of skipping and counting it.
+        strict: raise on a bad sample or shard instead of skipping and counting it.
+        num_classes: labels (``.cls``) must lie in ``[0, num_classes)``; a sample outside is bad (skipped and
+            counted, or an error in strict mode). By default the number of classes in ``manifest.json``.
         pin_memory: pin batches in host memory (default: only when CUDA is available).
     """
 
@@ -278,6 +325,7 @@ class WebDataModule(L.LightningDataModule):
         resampled: bool = False,
         samples_per_epoch: int | None = None,
         strict: bool = False,
+        num_classes: int | None = None,
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
@@ -285,6 +333,8 @@ class WebDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"data.num_classes must be >= 1, got {num_classes}")
         if resampled and not samples_per_epoch:
             raise ValueError("data.resampled: true needs data.samples_per_epoch (how many samples make an epoch)")
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
@@ -297,6 +347,7 @@ class WebDataModule(L.LightningDataModule):
         self.resampled = resampled
         self.samples_per_epoch = samples_per_epoch
         self.strict = strict
+        self.num_classes = num_classes
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.shards: dict[str, list[str]] = {}
         self.num_skipped = {split: 0 for split in SPLITS}
@@ -345,7 +396,28 @@ class WebDataModule(L.LightningDataModule):
         missing = [s for s, n in sizes.items() if n is None]
         if missing:
             warnings.warn(f"{len(missing)} shard(s) are not listed in a sizes.json (e.g. {missing[0]}); counting by reading them")
-        return [n if n is not None else count_tar_samples(s) for s, n in sizes.items()]
+        counted = {s: count_tar_samples(s) for s in missing}
+        empty = [s for s, n in counted.items() if n == 0]
+        if empty and self.strict:
+            raise BadSampleError(f"shard {empty[0]} holds no readable sample (strict mode; set data.strict: false to skip it)")
+        return [n if n is not None else counted[s] for s, n in sizes.items()]
+
+    def _label_classes(self) -> int | None:
+        if self.num_classes is not None:
+            return self.num_classes
+        names = self.class_names
+        return len(names) if names else None
+
+    def _count_skipped(self, count: int) -> None:
+        self.num_skipped[self._current_split()] += count
+
+    def _current_split(self) -> str:
+        trainer = self.trainer
+        if trainer is None or trainer.training:
+            return "train"
+        if trainer.validating or trainer.sanity_checking:
+            return "val"
+        return "test" if trainer.testing else "predict"
 
     def setup(self, stage: str | None = None) -> None:
         """List and check the shards of the splits ``stage`` needs, before any step runs."""
@@ -407,12 +479,13 @@ class WebDataModule(L.LightningDataModule):
             strict=self.strict,
             num_workers=workers,
             length=length,
+            num_classes=self._label_classes(),
         )
         epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0)
         loader_kwargs = {"num_workers": workers if self.num_workers else 0, "pin_memory": self.pin_memory}
         if training:
-            return _ResumableLoader(dataset, epoch_fn, self._batches_done, **loader_kwargs)
-        return _EpochAwareLoader(dataset, epoch_fn, **loader_kwargs)
+            return _ResumableLoader(dataset, epoch_fn, self._batches_done, self._count_skipped, **loader_kwargs)
+        return _EpochAwareLoader(dataset, epoch_fn, self._count_skipped, **loader_kwargs)
 
     def _batches_done(self) -> int:
         """Training batches of the current epoch that the loop counts as done if it resumes from now."""
@@ -435,10 +508,5 @@ class WebDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Take the skip count off the batch and add it to this split's total."""
         if isinstance(batch, dict) and "skipped" in batch:
-            skipped = batch.pop("skipped")
-            trainer = self.trainer
-            split = "train"
-            if trainer is not None:
-                split = "train" if trainer.training else "val" if trainer.validating or trainer.sanity_checking else "test" if trainer.testing else "predict"
-            self.num_skipped[split] += int(skipped)
+            self._count_skipped(int(batch.pop("skipped")))
         return batch

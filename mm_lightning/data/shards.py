@@ -4,7 +4,10 @@ Shards are plain tar files written with ``webdataset.ShardWriter``. Next to them
 lives ``sizes.json`` (open_clip's convention: ``{"shard-000000.tar": n, ...}``)
 so that readers know how many samples a shard list holds without reading it,
 and optionally ``manifest.json`` with data-set level facts (class names, image
-size, the splits written).
+size, the splits written). Shards without ``sizes.json`` are counted from
+img2dataset's per-shard ``<shard>_stats.json`` (its ``successes``), else by reading
+their tar headers; a shard that is empty, truncated or not a tar is counted for
+what it holds readable, and :func:`tar_samples` reports where it breaks.
 """
 
 from __future__ import annotations
@@ -12,21 +15,33 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterable, Sequence
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import braceexpand
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext
 
 SIZES_FILE = "sizes.json"
 MANIFEST_FILE = "manifest.json"
+STATS_SUFFIX = "_stats.json"  # img2dataset writes <shard>_stats.json next to each <shard>.tar
 
 ShardSpec = str | Sequence[str]
 
 
 class ShardSpecError(ValueError):
     """A shard specification names nothing usable (missing path, empty list, ...)."""
+
+
+class ShardReadError(ValueError):
+    """A shard breaks off: it is empty, truncated (inside a member or a header), or not a tar."""
+
+
+#: what reading a broken tar raises (tarfile's errors, I/O errors, a corrupt gzip stream)
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 
 
 def write_shards(
@@ -137,7 +152,8 @@ def _expand_one(piece: str) -> list[str]:
 
 
 def read_sizes(shards: Iterable[str]) -> dict[str, int | None]:
-    """Sample counts of ``shards`` from the ``sizes.json`` beside each (``None`` where unknown)."""
+    """Sample counts of ``shards`` from the ``sizes.json`` beside each, else from img2dataset's
+    ``<shard>_stats.json`` (``successes``: the samples it wrote); ``None`` where neither knows."""
     cache: dict[str, dict[str, int]] = {}
     out: dict[str, int | None] = {}
     for shard in shards:
@@ -146,7 +162,103 @@ def read_sizes(shards: Iterable[str]) -> dict[str, int | None]:
             path = os.path.join(directory, SIZES_FILE)
             cache[directory] = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
         out[shard] = cache[directory].get(os.path.basename(shard))
+        if out[shard] is None:
+            out[shard] = _img2dataset_count(shard)
     return out
+
+
+def _img2dataset_count(shard: str) -> int | None:
+    stem = shard[: -len(".tar")] if shard.endswith(".tar") else os.path.splitext(shard)[0]
+    try:
+        stats = json.loads(Path(stem + STATS_SUFFIX).read_text())
+        return int(stats["successes"])
+    except (OSError, ValueError, KeyError, TypeError):  # no stats file, or not img2dataset's
+        return None
+
+
+def tar_samples(shard: str, on_error: Callable[[str, str | None, Exception], None]) -> Iterator[dict[str, Any]]:
+    """The samples of one tar shard in order: ``{"__key__", "__url__", <ext>: bytes, ...}``, members grouped
+    by key as WebDataset does (the key is the member name up to the first dot of its base name).
+
+    Where the shard breaks off, ``on_error(shard, key, error)`` is told once with a
+    :class:`ShardReadError` and reading stops: ``key`` is the sample cut inside one of its members (that
+    sample is dropped; the complete ones before it were yielded), or ``None`` when the shard is not a
+    tar or a header is cut (the message then says after which sample).
+    """
+    current: dict[str, Any] | None = None
+    member: str | None = None  # the member whose data is being read
+    failure: Exception | None = None
+    samples: list[dict[str, Any]] = []
+    try:
+        with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as stream:
+            for info in stream:
+                if not info.isreg():
+                    continue
+                key, ext = base_plus_ext(info.name)
+                if key is None or (key.startswith("__") and key.endswith("__")):
+                    continue
+                ext = ext.lower()
+                if current is not None and key != current["__key__"]:
+                    samples.append(current)
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": shard}
+                member = info.name
+                handle = stream.extractfile(info)
+                data = handle.read() if handle is not None else b""
+                member = None
+                if ext in current:
+                    current["__duplicate__"] = info.name
+                current[ext] = data
+                stream.members = []  # keep memory flat on big shards
+                if samples:
+                    yield from samples
+                    samples = []
+    except TAR_ERRORS as err:
+        failure = err
+    yield from samples
+    if failure is None:
+        if current is not None:
+            yield current
+        return
+    reason = f"{type(failure).__name__}: {failure}"
+    if member is not None and current is not None:
+        on_error(shard, current["__key__"], ShardReadError(f"the shard breaks off inside member {member} ({reason})"))
+        return
+    if current is not None:
+        yield current  # its members were read whole; what follows is unreadable
+        on_error(shard, None, ShardReadError(f"unreadable after sample {current['__key__']!r} ({reason})"))
+    else:
+        on_error(shard, None, ShardReadError(f"not a readable tar ({reason})"))
+
+
+def count_tar_samples(shard: str) -> int:
+    """The samples :func:`tar_samples` yields from ``shard``, counted from its tar headers (no data read).
+
+    An empty, truncated or non-tar shard counts the complete samples before the break (0 for none);
+    compressed shards are read through.
+    """
+    if not shard.endswith(".tar"):
+        return sum(1 for _ in tar_samples(shard, lambda *_: None))
+    keys: list[str] = []
+    try:
+        size = os.path.getsize(shard)
+        with tarfile.open(shard, "r:") as tar:
+            while (info := tar.next()) is not None:
+                if not info.isreg():
+                    continue
+                key, _ = base_plus_ext(info.name)
+                if key is None or (key.startswith("__") and key.endswith("__")):
+                    continue
+                if info.offset_data + info.size > size:  # cut inside this member: its sample is lost
+                    if keys and keys[-1] == key:
+                        keys.pop()
+                    break
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+    except TAR_ERRORS:
+        pass
+    return len(keys)
 
 
 def count_samples(shards: Iterable[str]) -> int | None:

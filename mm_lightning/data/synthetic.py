@@ -2,7 +2,10 @@
 
 One scene holds 1-3 non-overlapping objects of ONE shape kind, ONE colour and ONE size.
 From the same scene come every task's targets: the class label (the shape kind), captions
-(CLIP), LLaVA-style conversations (instruction tuning) and a preference pair (DPO). Sample
+(CLIP), LLaVA-style conversations (instruction tuning) and two preference pairs (DPO, reward models):
+``preference`` (the correct answer against a random wrong one) and ``confusion_preference`` (against
+the *systematic* wrong answer of :data:`CONFUSIONS`, the one a consistently confused annotator or
+model gives, as in the noisy-SFT demonstration of :mod:`mm_lightning.data.noisy`). Sample
 ``index`` of a split with seed ``seed`` is a pure function of ``(seed, index, image_size)``
 (the scene does not depend on ``image_size``), so shards can be regenerated, or a sample
 recomputed, from the seed alone.
@@ -22,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 #: Bumped whenever the samples drawn from a seed change (``data.prepare`` regenerates stale built-in shards).
-VERSION = 3
+VERSION = 4
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond", "ring")
 PLURALS: dict[str, str] = {
@@ -64,6 +67,16 @@ QUESTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 POSITION_ANSWERS: dict[str, str] = {
     "left": "On the left.", "right": "On the right.", "top": "At the top.",
     "bottom": "At the bottom.", "center": "In the center.",
+}
+#: The plausible wrong value a systematically confused annotator (or model) gives for each true value, per
+#: question type: look-alike shapes, neighbouring colours, the opposite size or side, one more (or fewer) object.
+CONFUSIONS: dict[str, dict[Any, Any]] = {
+    "shape": {"circle": "ring", "ring": "circle", "square": "diamond", "diamond": "square",
+              "triangle": "cross", "cross": "triangle"},
+    "colour": {"red": "purple", "purple": "red", "green": "yellow", "yellow": "green", "blue": "white", "white": "blue"},
+    "count": {1: 2, 2: 3, 3: 2},
+    "size": {"small": "large", "large": "small"},
+    "position": {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "center": "left"},
 }
 _MARGIN = 0.03  # gap between an object and the image border (fraction of the side)
 _GAP = 0.04  # minimum gap between the bounding boxes of two objects
@@ -279,6 +292,19 @@ def preference_pair(scene: dict[str, Any], rng: np.random.Generator) -> dict[str
             "type": qtype}
 
 
+def confused_answer(scene: dict[str, Any], qtype: str) -> str:
+    """The answer to a ``qtype`` question with the asked attribute replaced by its :data:`CONFUSIONS` value."""
+    return answer({**scene, qtype: CONFUSIONS[qtype][scene[qtype]]}, qtype)
+
+
+def confusion_pair(scene: dict[str, Any], rng: np.random.Generator) -> dict[str, str]:
+    """A DPO pair whose rejected answer is the systematic confusion (:func:`confused_answer`) of the correct one."""
+    types = question_types(scene)
+    qtype = types[int(rng.integers(len(types)))]
+    return {"prompt": f"<image>\n{question(scene, qtype, rng)}", "chosen": answer(scene, qtype),
+            "rejected": confused_answer(scene, qtype), "type": qtype}
+
+
 def encode_png(image: Image.Image) -> bytes:
     """PNG bytes of ``image`` (fast compression: the noise does not compress anyway)."""
     buffer = io.BytesIO()
@@ -302,7 +328,7 @@ def make_sample(index: int, seed: int, image_size: int = 32) -> dict[str, Any]:
         "cls": scene["label"],
         "txt": caption(scene, rng),
         "json": {"scene": scene, "captions": all_captions(scene), "conversations": conversation(scene, rng),
-                 "preference": preference_pair(scene, rng)},
+                 "preference": preference_pair(scene, rng), "confusion_preference": confusion_pair(scene, rng)},
     }
 
 

@@ -173,6 +173,25 @@ def _load_hf(path: str) -> Any:
     return tok
 
 
+def missing_tokenizer_hint(path: str) -> str:
+    """How to make the missing ``tokenizer.json`` at ``path``, with a ``--shards`` that fits the shards beside it:
+    ``DIR/*-train-*.tar`` for data.prepare's names, the directory itself for others (img2dataset's
+    ``00000.tar``, ...), a placeholder when no shard is there."""
+    if os.path.isdir(path) or not path.endswith(".json"):
+        return " (give a tokenizer.json file or a local Hugging Face tokenizer directory)"
+    directory = os.path.dirname(path) or "."
+    if any(Path(directory).glob("*-train-*.tar")):
+        shards = f"'{os.path.join(directory, '*-train-*.tar')}'"
+    elif any(Path(directory).glob("*.tar")):
+        shards = directory  # every .tar of the directory: img2dataset writes 00000.tar, 00001.tar, ...
+    else:
+        shards = "TRAINING_SHARDS"
+    return (
+        f" (train one on the captions of your training shards: `python -m data.prepare tokenizer --shards {shards} "
+        f"--out {path}`; `python -m data.prepare shapes` writes the shapes world's)"
+    )
+
+
 class Tokenizer(ABC):
     """The interface of a run's one tokenizer (see the module docstring for how it is handed around).
 
@@ -233,13 +252,7 @@ class TextTokenizer(Tokenizer):
         """The underlying ``transformers`` tokenizer (loaded on first access)."""
         if self._tok is None:
             if not os.path.exists(self.path):
-                hint = ""
-                if os.path.basename(self.path) == TOKENIZER_FILE:
-                    hint = (
-                        " (`python -m data.prepare shapes` writes it next to the shapes shards; for other shards run "
-                        f"`python -m mm_lightning.data.tokenizer --shards 'DIR/*-train-*.tar' --out {self.path}`)"
-                    )
-                raise FileNotFoundError(f"tokenizer {self.path!r} does not exist{hint}")
+                raise FileNotFoundError(f"tokenizer {self.path!r} does not exist{missing_tokenizer_hint(self.path)}")
             self._tok = _load_hf(self.path)
         return self._tok
 

@@ -240,8 +240,13 @@ class Task(L.LightningModule):
         """``{"features": embed(images)}``; tasks with other outputs override it."""
         return {"features": self.embed(batch["image"])}
 
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """AdamW's parameter groups (:func:`param_groups` of :meth:`optimized_module`); a task with several
+        parts at their own learning rates overrides it (groups may carry ``lr`` and ``name``)."""
+        return param_groups(self.optimized_module(), self.weight_decay, self.no_weight_decay_extra())
+
     def configure_optimizers(self):
-        groups = param_groups(self.optimized_module(), self.weight_decay, self.no_weight_decay_extra())
+        groups = self.optimizer_param_groups()
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.warmup_steps

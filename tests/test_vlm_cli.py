@@ -1,0 +1,102 @@
+"""The multimodal LLM through experiments.run and experiments.recipe: 2-process DDP, stage hand-over, skip and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.test_run import run_cli
+from tests.vlm_fixtures import write_shapes
+
+TINY = str(REPO / "tests" / "configs" / "tiny_vlm.yaml")
+LM_STAGE = str(REPO / "experiments" / "configs" / "mllm_stage_lm.yaml")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], str]:
+    directory = tmp_path_factory.mktemp("cli_shapes")
+    shards = write_shapes(directory, train=64, val=16, test=30, samples_per_shard=8)  # 30 test samples: uneven
+    return shards, str(directory / "chat_tokenizer")
+
+
+def flags(shapes: tuple[dict[str, str], str]) -> list[str]:
+    shards, tokenizer = shapes
+    return [f"--data.{s}={spec}" for s, spec in shards.items()] + [f"--tokenizer.init_args.path={tokenizer}"]
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_train_and_evaluate_every_question_once(shapes, tmp_path) -> None:
+    run = tmp_path / "ddp"
+    run_cli("fit", "--config", TINY, *flags(shapes), f"--trainer.default_root_dir={run}", "--trainer.devices=2",
+            "--trainer.strategy=ddp", timeout=900)
+    ddp = json.loads((run / "summary.json").read_text())
+    assert ddp["steps"] == 64 // (2 * 8)  # each rank takes half of every epoch
+    assert ddp["test/vqa_questions"] == 30 and ddp["val/vqa_questions"] == 16  # counts summed over both ranks
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["pipeline"]["init_args"]["num_image_tokens"] == 16  # linked from the connector
+    single = tmp_path / "single"  # one process on the same checkpoint: the same questions, the same scores
+    run_cli("test", "--config", TINY, *flags(shapes), f"--ckpt_path={run}/checkpoints/best.ckpt",
+            f"--trainer.default_root_dir={single}", timeout=600)
+    one = json.loads((single / "summary.json").read_text())
+    for name in [k for k in ddp if k.startswith("test/vqa_exact_match")]:
+        assert one[name] == pytest.approx(ddp[name]), name
+
+
+def recipe_file(tmp_path: Path) -> Path:
+    recipe = {
+        "stages": [
+            {"name": "lm", "configs": [TINY, LM_STAGE], "args": ["--trainer.max_epochs=1", "--data.batch_size=16"]},
+            {"name": "instruct", "configs": [TINY], "inputs": {"model.init_args.init": "lm"}},
+        ]
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_recipe(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "experiments.recipe", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_recipe_hands_checkpoints_on_skips_complete_stages_and_resumes(shapes, tmp_path) -> None:
+    recipe, out = recipe_file(tmp_path), tmp_path / "out"
+    common = ["--out", str(out), *[f"--override=*:{f}" for f in flags(shapes)]]
+    proc = run_recipe(str(recipe), *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test/vqa_questions"] == 30  # the final stage's metrics, flat
+    assert summary["lm"]["steps"] == 64 // 16 and "test/loss" in summary["lm"] and "test/vqa_questions" not in summary["lm"]
+    assert summary["instruct"]["steps"] == 64 // 8 and summary["instruct"]["stage_wall_time_s"] > 0
+    instruct = yaml.safe_load((out / "instruct" / "config.yaml").read_text())
+    assert instruct["model"]["init_args"]["init"] == str(out / "lm" / "checkpoints" / "best.ckpt")
+    again = run_recipe(str(recipe), *common)  # everything complete: nothing runs again
+    assert again.returncode == 0 and again.stdout.count("skipped") == 2, again.stdout
+    (out / "instruct" / "stage.json").unlink()  # as if the process had died after its last checkpoint
+    resumed = run_recipe(str(recipe), *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the interrupted run" in resumed.stdout and "--ckpt_path last" in resumed.stdout
+    changed = run_recipe(str(recipe), *common, "--override=instruct:--model.init_args.lr=0.1")
+    assert changed.returncode == 2 and "complete in" in changed.stderr and "another command" in changed.stderr
+
+
+def test_recipe_errors_name_the_stage_and_key(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"stages": [{"name": "a", "configs": [TINY], "inputs": {"model.init_args.init": "b"}}]}))
+    proc = run_recipe(str(bad), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "stage 'a': input model.init_args.init comes from 'b'" in proc.stderr
+    bad.write_text(yaml.safe_dump({"stages": [{"name": "a", "configs": ["nope.yaml"]}]}))
+    proc = run_recipe(str(bad), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "config nope.yaml: no such file" in proc.stderr
+    bad.write_text(yaml.safe_dump({"stages": [{"name": "a", "configs": [TINY], "config": 1}]}))
+    proc = run_recipe(str(bad), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "unknown key(s) config" in proc.stderr
