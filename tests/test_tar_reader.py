@@ -11,7 +11,7 @@ import pytest
 from webdataset.tariterators import tar_file_iterator
 
 from mm_lightning.data.shards import write_shards
-from mm_lightning.data.tar_reader import tar_members
+from mm_lightning.data.tar_reader import TarReadError, tar_members
 
 
 def _members(path: Path, reader) -> list[tuple[str, bytes]]:
@@ -93,3 +93,24 @@ def test_damaged_archives_raise_after_the_members_before_the_damage(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
         _members(tmp_path / "empty.tar", tar_members)
+
+
+def test_the_cut_member_is_named_and_headers_only_counting_sees_the_same_cut(tmp_path):
+    path = _tar(tmp_path / "s.tar", [(f"k{i}.bin", bytes([i]) * 700) for i in range(4)])
+    data = path.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: 2 * 1536 + 512 + 100])  # inside k2.bin's data
+    for read_data in (True, False):
+        got = []
+        with pytest.raises(TarReadError) as info, open(tmp_path / "cut.tar", "rb") as f:
+            got.extend(m["fname"] for m in tar_members(f, read_data=read_data))
+        assert got == ["k0.bin", "k1.bin"] and info.value.member == "k2.bin", read_data
+    (tmp_path / "header.tar").write_bytes(data[: 2 * 1536 + 100])  # inside k2.bin's header
+    with pytest.raises(TarReadError) as info, open(tmp_path / "header.tar", "rb") as f:
+        list(tar_members(f))
+    assert info.value.member is None and "a header at byte 3072" in str(info.value)
+    with open(path, "rb") as f:
+        assert [(m["fname"], m["data"]) for m in tar_members(f, read_data=False)] == [(f"k{i}.bin", None) for i in range(4)]
+    gz = tmp_path / "cut.tar.gz"
+    gz.write_bytes(gzip.compress(data)[:-30])  # a corrupt (cut) gzip stream
+    with pytest.raises(TarReadError, match="corrupt compressed stream"), open(gz, "rb") as f:
+        list(tar_members(f))
