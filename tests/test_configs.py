@@ -13,6 +13,14 @@ from mm_lightning.data.datamodule import WebDataModule
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.yaml"))
+# stage overlays change a connector config's stage (no model class of their own): built stacked on one
+OVERLAY_BASES = {"mllm_stage_": REPO / "experiments" / "configs" / "mllm_mlp_shapes.yaml"}
+
+
+def stacked(config: Path) -> list[str]:
+    """``--config`` arguments that build ``config``: the overlay's base first where it is an overlay."""
+    base = next((b for prefix, b in OVERLAY_BASES.items() if config.stem.startswith(prefix)), None)
+    return (["--config", str(base)] if base else []) + ["--config", str(config)]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,7 @@ def test_shipped_config_builds(config: Path, builtin_data: Path, tmp_path: Path,
     monkeypatch.setattr(sys, "argv", ["experiments.run"])
     monkeypatch.setenv("MM_RUN_DIR", str(tmp_path))  # restored after the test; the CLI sets it in-process
     cli = MMLightningCLI(
-        args=["--config", str(config), "--prepare_data=false", "--logger=none", f"--trainer.default_root_dir={tmp_path}"],
+        args=[*stacked(config), "--prepare_data=false", "--logger=none", f"--trainer.default_root_dir={tmp_path}"],
         run=False,
     )
     assert isinstance(cli.model, L.LightningModule)
