@@ -121,7 +121,7 @@ def test_activation_checkpointing_of_the_clip_text_tower_and_a_hugging_face_mode
         torch.testing.assert_close(a.grad, b.grad)
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, vocab_size=64))
-    assert parallel.apply_activation_checkpointing(llama) == [llama] and llama.is_gradient_checkpointing
+    assert parallel.apply_activation_checkpointing(llama) == [llama] and llama.is_activation_checkpointing
     assert parallel.apply_activation_checkpointing(nn.Linear(2, 2)) == []
 
 

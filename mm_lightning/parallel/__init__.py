@@ -6,7 +6,7 @@ model's structure is here, applied by :meth:`mm_lightning.tasks.base.Task.config
 
 - :mod:`~mm_lightning.parallel.blocks`: :func:`find_transformer_blocks`, the repeated units of a model.
 - :mod:`~mm_lightning.parallel.checkpointing`: :func:`apply_activation_checkpointing` through the models'
-  own switches (timm's ``set_grad_checkpointing``, Hugging Face's ``gradient_checkpointing_enable``),
+  own switches (timm's ``set_grad_checkpointing``, Hugging Face's ``activation_checkpointing_enable``),
   :func:`compile_modules` (per-block ``torch.compile``).
 - :mod:`~mm_lightning.parallel.tensor_parallel`: :func:`tensor_parallel_plan` and
   :func:`apply_tensor_parallel` (column-wise input, row-wise output projections).

@@ -1,7 +1,7 @@
 """Activation checkpointing through the models' own switches, and per-block ``torch.compile``.
 
 timm models have ``set_grad_checkpointing`` (their blocks then run under ``torch.utils.checkpoint``),
-Hugging Face models ``gradient_checkpointing_enable``, and our text tower
+Hugging Face models ``activation_checkpointing_enable`` (formerly ``gradient_checkpointing_enable``), and our text tower
 (:class:`~mm_lightning.models.text.TextTransformer`) the same switch as timm's. Switching them on keeps
 every module, parameter name and state-dict key as it is.
 """
@@ -17,7 +17,7 @@ import torch.nn as nn
 def apply_activation_checkpointing(module: nn.Module) -> list[nn.Module]:
     """Recompute activations in the backward pass instead of storing them, in every part of ``module`` that can.
 
-    Each Hugging Face model (``gradient_checkpointing_enable``, non-reentrant) and each module with a
+    Each Hugging Face model (``activation_checkpointing_enable``, non-reentrant) and each module with a
     timm-style ``set_grad_checkpointing`` (timm backbones, our text tower) gets its switch turned on;
     their children are left to them. Activations inside a checkpointed block are not kept but
     recomputed, ~30% more compute for activation memory that no longer grows with depth. Returns the
@@ -28,9 +28,13 @@ def apply_activation_checkpointing(module: nn.Module) -> list[nn.Module]:
     for sub in module.modules():
         if id(sub) in done:
             continue
-        if callable(getattr(sub, "gradient_checkpointing_enable", None)) and getattr(
+        if callable(getattr(sub, "activation_checkpointing_enable", None)) and getattr(
             sub, "supports_gradient_checkpointing", False
-        ):
+        ):  # transformers >= 5.2x (gradient_checkpointing_enable is its deprecated alias)
+            sub.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif callable(getattr(sub, "gradient_checkpointing_enable", None)) and getattr(
+            sub, "supports_gradient_checkpointing", False
+        ):  # older transformers
             sub.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         elif callable(getattr(sub, "set_grad_checkpointing", None)):
             sub.set_grad_checkpointing(True)

@@ -131,7 +131,7 @@ def parallelize_task(
             if not apply_activation_checkpointing(root):
                 raise ValueError(
                     f"model.activation_checkpointing: {type(root).__name__} has no part with a checkpointing switch "
-                    "(timm's set_grad_checkpointing, Hugging Face's gradient_checkpointing_enable)"
+                    "(timm's set_grad_checkpointing, Hugging Face's activation_checkpointing_enable)"
                 )
     if compile_blocks:
         compile_modules(blocks)

@@ -69,7 +69,7 @@ class Task(L.LightningModule):
         activation_checkpointing: recompute the activations of each transformer block in the
             backward pass instead of storing them (less memory, ~30% more compute), through the
             network's own switches (timm's ``set_grad_checkpointing``, Hugging Face's
-            ``gradient_checkpointing_enable``; :func:`mm_lightning.parallel.apply_activation_checkpointing`).
+            ``activation_checkpointing_enable``; :func:`mm_lightning.parallel.apply_activation_checkpointing`).
         compile: ``torch.compile`` each transformer block (or the whole trained module when it
             has none) in place; checkpoints keep their parameter names.
     """
@@ -203,7 +203,7 @@ class Task(L.LightningModule):
         if self.activation_checkpointing and not parallel.apply_activation_checkpointing(self.optimized_module()):
             raise ValueError(
                 f"model.activation_checkpointing: {type(self).__name__}'s network has no part with a checkpointing "
-                "switch (timm's set_grad_checkpointing, Hugging Face's gradient_checkpointing_enable)"
+                "switch (timm's set_grad_checkpointing, Hugging Face's activation_checkpointing_enable)"
             )
         if self.torch_compile:
             parallel.compile_modules(blocks or [self.optimized_module()])
