@@ -148,6 +148,27 @@ def test_xattn_keeps_the_lm_state_dict_and_unhooks(tok) -> None:
     assert len(model.connector._hooks) == 1 + len(model.connector.xattn)
 
 
+def test_a_deep_copy_of_an_xattn_model_uses_its_own_blocks(tok) -> None:
+    """copy.deepcopy (a DPO reference model, the benchmark's bare copy) hooks the copy's layers to the copy's
+    cross-attention blocks: the copy gives the same logits, and closing the copy's gates leaves the original as it was."""
+    import copy
+
+    model = tiny_task(tok, "xattn").model.eval()
+    open_gates(model)
+    ids, mask, _ = prompts(tok, 1)
+    image = torch.randn(len(ids), 3, 32, 32)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        fused = model(image, ids, mask).logits
+        assert torch.equal(twin(image, ids, mask).logits, fused)
+        for block in twin.connector.xattn:
+            block.attn_gate.data.zero_()
+            block.ff_gate.data.zero_()
+        plain = model.lm(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        assert torch.equal(twin(image, ids, mask).logits, plain)  # the copy's gates now close the copy
+        assert torch.equal(model(image, ids, mask).logits, fused)  # and only the copy
+
+
 # ------------------------------------------------------------------------------------ generation
 def greedy_without_cache(model, image, row: list[int], steps: int, eot: int) -> list[int]:
     """Reference greedy decoding: the whole sequence through forward() at every step, no KV cache."""
