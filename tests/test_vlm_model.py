@@ -66,6 +66,24 @@ def test_mlp_downsample_needs_a_square_grid() -> None:
         MLPProjector(vision_dim=8, lm_dim=8, num_visual_tokens=15, downsample=2)
 
 
+@pytest.mark.parametrize("kind", ["qformer", "resampler", "xattn"])
+def test_query_connectors_sincos_adds_a_fixed_code_that_checkpoints_do_not_hold(kind: str) -> None:
+    """``sincos: true`` changes what the queries read but adds no weight: checkpoints of either setting load
+    into the other; a grid that is not square is refused."""
+    def build(sincos: bool):
+        torch.manual_seed(0)
+        return build_connector(kind, vision_dim=24, num_visual_tokens=16, lm_dim=40, num_lm_layers=2, sincos=sincos)
+
+    plain, coded = build(False), build(True)
+    assert plain.state_dict().keys() == coded.state_dict().keys()
+    coded.load_state_dict(plain.state_dict())
+    visual = torch.randn(2, 16, 24)
+    read = (lambda c: c.resample(visual)) if kind == "xattn" else (lambda c: c(visual))
+    assert not torch.allclose(read(plain), read(coded))
+    with pytest.raises(ValueError, match="square token grid"):
+        build_connector(kind, vision_dim=24, num_visual_tokens=15, lm_dim=40, num_lm_layers=2, sincos=True)
+
+
 def test_qformer_queries_start_random_and_distinct() -> None:
     torch.manual_seed(0)
     conn = QFormer(vision_dim=16, lm_dim=32, num_visual_tokens=10, num_queries=8, dim=32, depth=2, heads=2)
