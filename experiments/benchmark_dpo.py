@@ -2,10 +2,10 @@
 log-probs::
 
     python -m experiments.benchmark_dpo --config experiments/configs/mllm_mlp_shapes.yaml \\
-        --config experiments/configs/dpo_shapes.yaml --set model.init_args.init=RUNS/sft_noisy/checkpoints/best.ckpt
+        --config experiments/configs/stages/dpo_shapes.yaml --set model.init_args.init=RUNS/sft_noisy/checkpoints/best.ckpt
 
-or as part ``dpo`` of ``python -m experiments.benchmark --parts dpo --config ...`` (default flags; the
-result lands in its ``benchmark.json`` under ``dpo``).
+(standalone for now: ``experiments.benchmark`` is being reworked; ``dpo_efficiency(configs, args)`` is the
+function to hook into it as a part ``dpo``).
 
 The configs' DPO task and training batches (moved to the device once, so the data path is not timed). Two
 ways to get the reference log-probs run step by step alternately on the same batches, so load changes on a

@@ -12,15 +12,16 @@ from experiments.run import MMLightningCLI
 from mm_lightning.data.datamodule import WebDataModule
 from tests.conftest import REPO
 
-CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.yaml"))
-OVERLAY_BASE = REPO / "experiments" / "configs" / "mllm_mlp_shapes.yaml"
+CONFIGS_DIR = REPO / "experiments" / "configs"
+# stage overlays (experiments/configs/stages/) change a connector config's stage and have no model class of their
+# own: each is built stacked on a connector config, as the recipes stack them
+STAGE_BASE = CONFIGS_DIR / "mllm_mlp_shapes.yaml"
+CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml")) + sorted((CONFIGS_DIR / "stages").glob("*.yaml"))
 
 
 def stacked(config: Path) -> list[str]:
-    """``--config`` flags of ``config``; a stage overlay (first line ``# Stage overlay``) is built stacked on the
-    MLLM config it continues, as its recipe stage runs it."""
-    overlay = config.read_text().startswith("# Stage overlay")
-    return [a for c in ([OVERLAY_BASE, config] if overlay else [config]) for a in ("--config", str(c))]
+    """``--config`` arguments that build ``config``: a stage overlay comes after its connector config."""
+    return (["--config", str(STAGE_BASE)] if config.parent.name == "stages" else []) + ["--config", str(config)]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def builtin_data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=[f"{c.parent.name}/{c.stem}" if c.parent.name == "stages" else c.stem for c in CONFIGS])
 def test_shipped_config_builds(config: Path, builtin_data: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(builtin_data)
     monkeypatch.setattr(sys, "argv", ["experiments.run"])

@@ -66,6 +66,24 @@ def test_mlp_downsample_needs_a_square_grid() -> None:
         MLPProjector(vision_dim=8, lm_dim=8, num_visual_tokens=15, downsample=2)
 
 
+@pytest.mark.parametrize("kind", ["qformer", "resampler", "xattn"])
+def test_query_connectors_sincos_adds_a_fixed_code_that_checkpoints_do_not_hold(kind: str) -> None:
+    """``sincos: true`` changes what the queries read but adds no weight: checkpoints of either setting load
+    into the other; a grid that is not square is refused."""
+    def build(sincos: bool):
+        torch.manual_seed(0)
+        return build_connector(kind, vision_dim=24, num_visual_tokens=16, lm_dim=40, num_lm_layers=2, sincos=sincos)
+
+    plain, coded = build(False), build(True)
+    assert plain.state_dict().keys() == coded.state_dict().keys()
+    coded.load_state_dict(plain.state_dict())
+    visual = torch.randn(2, 16, 24)
+    read = (lambda c: c.resample(visual)) if kind == "xattn" else (lambda c: c(visual))
+    assert not torch.allclose(read(plain), read(coded))
+    with pytest.raises(ValueError, match="square token grid"):
+        build_connector(kind, vision_dim=24, num_visual_tokens=15, lm_dim=40, num_lm_layers=2, sincos=True)
+
+
 def test_qformer_queries_start_random_and_distinct() -> None:
     torch.manual_seed(0)
     conn = QFormer(vision_dim=16, lm_dim=32, num_visual_tokens=10, num_queries=8, dim=32, depth=2, heads=2)
@@ -146,6 +164,27 @@ def test_xattn_keeps_the_lm_state_dict_and_unhooks(tok) -> None:
     model = tiny_task(tok, "xattn").model
     assert not any("xattn" in k for k in model.lm.state_dict())  # the LM's keys are the plain LM's
     assert len(model.connector._hooks) == 1 + len(model.connector.xattn)
+
+
+def test_a_deep_copy_of_an_xattn_model_uses_its_own_blocks(tok) -> None:
+    """copy.deepcopy (a DPO reference model, the benchmark's bare copy) hooks the copy's layers to the copy's
+    cross-attention blocks: the copy gives the same logits, and closing the copy's gates leaves the original as it was."""
+    import copy
+
+    model = tiny_task(tok, "xattn").model.eval()
+    open_gates(model)
+    ids, mask, _ = prompts(tok, 1)
+    image = torch.randn(len(ids), 3, 32, 32)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        fused = model(image, ids, mask).logits
+        assert torch.equal(twin(image, ids, mask).logits, fused)
+        for block in twin.connector.xattn:
+            block.attn_gate.data.zero_()
+            block.ff_gate.data.zero_()
+        plain = model.lm(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        assert torch.equal(twin(image, ids, mask).logits, plain)  # the copy's gates now close the copy
+        assert torch.equal(model(image, ids, mask).logits, fused)  # and only the copy
 
 
 # ------------------------------------------------------------------------------------ generation

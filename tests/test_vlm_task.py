@@ -161,7 +161,7 @@ def test_later_stages_start_from_earlier_checkpoints(tok, tmp_path) -> None:
     for name, p in lm_stage.model.lm.named_parameters():  # under peft's wrapping (base_layer) the same weights
         wrapped = peft_lm.get_parameter(re.sub(r"([qkvo]_proj)\.", r"\1.base_layer.", name))
         assert torch.equal(wrapped, p), name
-    for name, p in clip.image_encoder.state_dict().items():
+    for name, p in clip.model.image_encoder.state_dict().items():
         assert torch.equal(task.model.vision.state_dict()[name], p), name
     assert not torch.equal(task.model.connector.fc1.weight, lm_stage.model.connector.fc1.weight)  # lm_init: LM only
     task_ckpt = tmp_path / "instruct.ckpt"

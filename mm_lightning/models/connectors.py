@@ -28,6 +28,7 @@ queries without position embeddings stay identical forever).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -77,6 +78,15 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def grid_code(num_tokens: int, dim: int) -> torch.Tensor:
+    """:func:`sincos_2d` of a square grid of ``num_tokens`` as ``(1, num_tokens, dim)``; a clear error otherwise."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens or dim % 4:
+        raise ValueError(f"connector sincos needs a square token grid and a width divisible by 4 (got {num_tokens} "
+                         f"tokens of width {dim})")
+    return sincos_2d(side, dim)[None]
 
 
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -247,6 +257,8 @@ class QFormer(Connector):
         heads: attention heads.
         cross_every: cross-attention in every ``cross_every``-th layer (1: every layer).
         mlp_ratio: MLP width as a multiple of ``dim``.
+        sincos: also add MAE's fixed 2-D sine-cosine code of each visual token's row and column (as the
+            ``mlp`` connector's ``position_embedding: sincos``).
     """
 
     def __init__(
@@ -260,12 +272,14 @@ class QFormer(Connector):
         heads: int = 4,
         cross_every: int = 1,
         mlp_ratio: float = 2.0,
+        sincos: bool = False,
     ) -> None:
         super().__init__()
         if num_queries < 1 or depth < 1 or cross_every < 1:
             raise ValueError("connector num_queries, depth and cross_every must be >= 1")
         self.queries = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
         self.visual_pos_embed = nn.Parameter(torch.randn(1, num_visual_tokens, vision_dim) * 0.02)
+        self.register_buffer("grid_code", grid_code(num_visual_tokens, vision_dim) if sincos else None, persistent=False)
         self.visual_norm = nn.LayerNorm(vision_dim)
         self.layers = nn.ModuleList(
             QFormerLayer(dim, heads, vision_dim, cross=i % cross_every == 0, mlp_ratio=mlp_ratio) for i in range(depth)
@@ -285,6 +299,8 @@ class QFormer(Connector):
 
     def forward(self, visual: torch.Tensor) -> torch.Tensor:
         visual = self.visual_norm(visual) + self.visual_pos_embed
+        if self.grid_code is not None:
+            visual = visual + self.grid_code.to(visual.dtype)
         x = self.queries.expand(visual.shape[0], -1, -1)
         for layer in self.layers:
             x = layer(x, visual)
@@ -318,13 +334,14 @@ class Resampler(nn.Module):
 
     def __init__(
         self, vision_dim: int, num_visual_tokens: int, num_latents: int, dim: int, depth: int, heads: int,
-        mlp_ratio: float,
+        mlp_ratio: float, sincos: bool = False,
     ) -> None:
         super().__init__()
         if num_latents < 1 or depth < 1:
             raise ValueError("connector num_latents and depth must be >= 1")
         self.input_proj = nn.Linear(vision_dim, dim)
         self.pos_embed = nn.Parameter(torch.randn(1, num_visual_tokens, dim) * 0.02)
+        self.register_buffer("grid_code", grid_code(num_visual_tokens, dim) if sincos else None, persistent=False)
         self.latents = nn.Parameter(torch.randn(1, num_latents, dim) * 0.02)
         self.layers = nn.ModuleList(PerceiverLayer(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
@@ -334,6 +351,8 @@ class Resampler(nn.Module):
 
     def forward(self, visual: torch.Tensor) -> torch.Tensor:
         visual = self.input_proj(visual) + self.pos_embed
+        if self.grid_code is not None:  # optional fixed 2-D sine-cosine code on top (``sincos``)
+            visual = visual + self.grid_code.to(visual.dtype)
         x = self.latents.expand(visual.shape[0], -1, -1)
         for layer in self.layers:
             x = layer(x, visual)
@@ -352,6 +371,7 @@ class PerceiverResampler(Connector):
         depth: layers.
         heads: attention heads.
         mlp_ratio: MLP width as a multiple of ``dim``.
+        sincos: also add the fixed 2-D sine-cosine code of each visual token's row and column.
     """
 
     def __init__(
@@ -364,9 +384,10 @@ class PerceiverResampler(Connector):
         depth: int = 2,
         heads: int = 4,
         mlp_ratio: float = 2.0,
+        sincos: bool = False,
     ) -> None:
         super().__init__()
-        self.resampler = Resampler(vision_dim, num_visual_tokens, num_latents, dim, depth, heads, mlp_ratio)
+        self.resampler = Resampler(vision_dim, num_visual_tokens, num_latents, dim, depth, heads, mlp_ratio, sincos)
         self.proj = nn.Linear(dim, lm_dim)
 
     @property
@@ -441,6 +462,7 @@ class GatedCrossAttentionFusion(Connector):
         heads: attention heads (resampler and cross-attention).
         every: a cross-attention block before every ``every``-th decoder layer.
         mlp_ratio: MLP width of the resampler and the blocks.
+        sincos: also add the fixed 2-D sine-cosine code of each visual token's row and column.
     """
 
     fusion = True
@@ -457,12 +479,13 @@ class GatedCrossAttentionFusion(Connector):
         heads: int = 4,
         every: int = 1,
         mlp_ratio: float = 2.0,
+        sincos: bool = False,
     ) -> None:
         super().__init__()
         if every < 1:
             raise ValueError(f"connector every must be >= 1, got {every}")
         self.every = every
-        self.resampler = Resampler(vision_dim, num_visual_tokens, num_latents, dim, depth, heads, mlp_ratio)
+        self.resampler = Resampler(vision_dim, num_visual_tokens, num_latents, dim, depth, heads, mlp_ratio, sincos)
         self.layer_ids = list(range(0, num_layers, every))
         self.xattn = nn.ModuleList(GatedCrossAttentionBlock(lm_dim, dim, heads, mlp_ratio) for _ in self.layer_ids)
         self._context: dict[str, Any] = {}
@@ -501,7 +524,9 @@ class GatedCrossAttentionFusion(Connector):
         self.detach()
         self._hooks.append(decoder.register_forward_pre_hook(self._record_positions, with_kwargs=True))
         for block_index, layer_index in enumerate(self.layer_ids):
-            hook = self._layer_hook(block_index)
+            # a partial of a bound method, not a closure: copy.deepcopy of the model (a DPO reference, the
+            # benchmark's bare copy) then hooks the copy's layers to the copy's blocks, not to this connector's
+            hook = functools.partial(self._cross_attend, block_index)
             self._hooks.append(layers[layer_index].register_forward_pre_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
@@ -523,22 +548,20 @@ class GatedCrossAttentionFusion(Connector):
             positions = torch.arange(past, past + length, device=device)[None]
         self._context["positions"] = positions
 
-    def _layer_hook(self, block_index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            ctx = self._context
-            if not ctx:
-                return None
-            if "positions" not in ctx:
-                raise RuntimeError("xattn: the decoder stack's positions were not recorded (was attach() called?)")
-            hidden = args[0] if args else kwargs["hidden_states"]
-            positions = ctx["positions"]
-            media_mask = (positions >= ctx["image_positions"][:, None])[..., None]  # (B, L, 1)
-            hidden = self.xattn[block_index](hidden, ctx["visual"], media_mask)
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
-
-        return hook
+    def _cross_attend(self, block_index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Forward pre-hook of a decoder layer: its input through gated cross-attention block ``block_index``."""
+        ctx = self._context
+        if not ctx:
+            return None
+        if "positions" not in ctx:
+            raise RuntimeError("xattn: the decoder stack's positions were not recorded (was attach() called?)")
+        hidden = args[0] if args else kwargs["hidden_states"]
+        positions = ctx["positions"]
+        media_mask = (positions >= ctx["image_positions"][:, None])[..., None]  # (B, L, 1)
+        hidden = self.xattn[block_index](hidden, ctx["visual"], media_mask)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
 
 
 # -------------------------------------------------------------------------------------- factory

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mm_lightning.checkpoint import load_checkpoint, state_dict_of
 from mm_lightning.data.tokenizer import Tokenizer
+from mm_lightning.models.clip import load_backbone_weights
 from mm_lightning.models.connectors import ConnectorKind
 from mm_lightning.models.vision import create_backbone
 from mm_lightning.models.vlm import VisionLanguageModel, build_lm, build_vlm, decoder_layers
@@ -152,6 +153,8 @@ class VisionLanguageTask(Task):
         monitor: metric that picks the best checkpoint (default ``val/loss``); ``val/vqa_exact_match``
             with the VQA callback.
         max_new_tokens: longest generated answer.
+        tokenizer_path: not to be set: the task records its tokenizer's ``path`` here (for ``experiments.ask``);
+            accepted so a resumed run's checkpoint hyper-parameters fit the signature.
         **kwargs: optimizer settings of :class:`~mm_lightning.tasks.base.Task` (``lr``, ``weight_decay``, ...).
     """
 
@@ -182,6 +185,7 @@ class VisionLanguageTask(Task):
         qlora: bool = False,
         monitor: str | None = None,
         max_new_tokens: int = 16,
+        tokenizer_path: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -358,8 +362,6 @@ class VisionLanguageTask(Task):
             counts = load_matching(self.model, state, "model.lm_init", self.lm_init, only="lm.")
             rank_zero_info(f"LM initialised from {self.lm_init} ({counts.get('lm', 0)} tensors)")
         if self.vision_init:
-            from mm_lightning.tasks.clip import load_backbone_weights
-
             prefix = load_backbone_weights(self.model.vision, self.vision_init, self.vision_init_prefix)
             rank_zero_info(f"vision tower initialised from {self.vision_init} (keys under {prefix!r})")
 
