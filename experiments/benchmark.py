@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=None, help="experiment config(s) (default vit_shapes.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.batch_size=64")
-    parser.add_argument("--parts", default="overhead,data,presets", help="comma-separated: overhead, data, presets")
+    parser.add_argument("--parts", default="overhead,data,presets", help="comma-separated: overhead, data, presets, vlm")
     parser.add_argument("--rounds", type=int, default=5, help="blocks of steps, one ratio each (a)")
     parser.add_argument("--steps", type=int, default=20, help="steps per block; a multiple of the logging interval (a)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start (a)")
@@ -378,10 +378,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "presets" in parts:
         print("(c) presets and precisions", flush=True)
         result["presets"] = preset_runs(configs, args)
+    if "vlm" in parts:  # the multimodal LLM per connector (experiments/benchmark_vlm.py)
+        from experiments import benchmark_vlm
+
+        print("(d) multimodal LLM per connector: bare PyTorch loop vs Trainer, alternated", flush=True)
+        result["vlm"] = [benchmark_vlm.vlm_overhead(c, args, args.set) for c in (args.config or benchmark_vlm.CONFIGS)]
     out = Path(args.out or REPO / "runs" / "benchmark" / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
+    if "vlm" in result:
+        from experiments.benchmark_vlm import markdown as vlm_markdown
+
+        table += "\n" + vlm_markdown(result["vlm"])
     (out / "benchmark.md").write_text(table)
     print("\n" + table)
     print(f"Results: {out / 'benchmark.json'}")
