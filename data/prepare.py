@@ -120,40 +120,38 @@ def prepare_shapes(out_dir: str | os.PathLike = "data/shards/shapes", train: int
                    chat_tokenizer=CHAT_TOKENIZER_DIR if splits["train"] is not None else None)
 
 
-def _allocate(sizes: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Split round(total * fraction) over classes in proportion to ``sizes`` (largest remainders first)."""
-    exact = sizes * fraction
-    counts = np.floor(exact).astype(int)
-    left = int(round(sizes.sum() * fraction)) - int(counts.sum())
-    order = np.lexsort((rng.random(len(sizes)), -(exact - counts)))  # ties broken at random
-    counts[order[:left]] += 1
-    return counts
-
-
 def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: float,
                      seed: int) -> dict[str, list[int]]:
-    """Indices per split, drawn class by class so each split keeps the class proportions.
+    """Indices per split, keeping the class proportions (scikit-learn's ``train_test_split(stratify=)``, twice).
 
-    The test split gets round(N * test_fraction) items, val round(N * val_fraction), spread over
-    the classes in proportion to their sizes (as scikit-learn's stratified split does); every
-    class keeps at least one training item. Each split's indices come out shuffled.
+    The test split gets round(N * test_fraction) items, val round(N * val_fraction), each drawn by
+    class from what is left. A class with a single item stays in train; a split smaller than the
+    number of classes (which cannot hold one of each) is drawn without stratification. Each split's
+    indices come out shuffled.
     """
+    from sklearn.model_selection import train_test_split
+
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"--val-fraction ({val_fraction}) and --test-fraction ({test_fraction}) must be in [0, 1) "
                          "and sum to less than 1")
-    rng = np.random.default_rng(seed)
     labels_arr = np.asarray(labels)
-    classes, sizes = np.unique(labels_arr, return_counts=True)
-    n_test, n_val = _allocate(sizes, test_fraction, rng), _allocate(sizes, val_fraction, rng)
-    out: dict[str, list[int]] = {split: [] for split in SPLITS}
-    for cls, size, t, v in zip(classes, sizes, n_test, n_val):
-        idx = rng.permutation(np.flatnonzero(labels_arr == cls))
-        t = min(int(t), size - 1)
-        v = min(int(v), size - 1 - t)
-        out["test"] += idx[:t].tolist()
-        out["val"] += idx[t:t + v].tolist()
-        out["train"] += idx[t + v:].tolist()
-    return {split: [int(i) for i in rng.permutation(v)] for split, v in out.items()}
+    n = len(labels_arr)
+    classes, counts = np.unique(labels_arr, return_counts=True)
+    single = np.isin(labels_arr, classes[counts < 2])
+    train, rest = list(np.flatnonzero(single)), np.flatnonzero(~single)
+    out: dict[str, list[int]] = {}
+    for split, fraction in (("test", test_fraction), ("val", val_fraction)):
+        count = min(int(round(n * fraction)), max(0, len(rest) - 1))
+        if count == 0:
+            out[split] = []
+            continue
+        strata = labels_arr[rest]
+        stratify = strata if count >= len(np.unique(strata)) and np.unique(strata, return_counts=True)[1].min() >= 2 \
+            else None
+        rest, taken = train_test_split(rest, test_size=count, stratify=stratify, random_state=seed)
+        out[split] = [int(i) for i in taken]
+    out["train"] = [int(i) for i in np.random.default_rng(seed).permutation(np.concatenate([train, rest]).astype(int))]
+    return {split: out[split] for split in SPLITS}
 
 
 def _png(image: Image.Image) -> bytes:

@@ -11,7 +11,7 @@ latency of one test batch (``predict_step``). Writes ``quantization.json`` and
 weights into ``RUN/quantized/<method>.pt``.
 
 Methods: ``int8-dynamic``, ``int8-weight-only``, ``int4-weight-only`` (see
-:mod:`mm_lightning.quantization` for which backend runs each; ``--backend`` overrides). A model
+:mod:`mm_lightning.quantization` for torchao's config of each). A model
 trained with ``presets/qat.yaml`` is quantized the same way, with the method it trained for.
 """
 
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint file, e.g. RUN/checkpoints/best.ckpt")
     parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
-    parser.add_argument("--backend", default="auto", choices=("auto", "torchao", "pytorch"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "torchao"), help="torchao (the only backend)")
     parser.add_argument("--config", action="append", default=None, help="config YAML(s); default RUN/config.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.eval_batch_size=64")
     parser.add_argument("--group-size", type=int, default=32, help="input features per scale for int4-weight-only")

@@ -501,7 +501,10 @@ def _root_message(err: BaseException) -> str:
     """The innermost cause of an error (e.g. a constructor's, wrapped by jsonargparse while building the model,
     data or trainer) as one line, prefixed by the config section when the wrapper names it."""
     inner = err
-    while inner.__cause__ is not None or (inner.__context__ is not None and not inner.__suppress_context__):
+    # descend through wrappers, but stop at an error of ours that names what was wrong (a shard and key,
+    # a checkpoint path): its own cause (e.g. the image decoder's message) names neither
+    while not isinstance(inner, USER_ERRORS + RUN_FAILURES) and (
+            inner.__cause__ is not None or (inner.__context__ is not None and not inner.__suppress_context__)):
         inner = inner.__cause__ or inner.__context__
     section = re.search(r'Parser key "([\w.]+)"', str(err)) if inner is not err else None
     message = _one_line(str(inner).strip() or type(inner).__name__)

@@ -1,23 +1,23 @@
-"""Post-training quantization of trained models (torchao, or PyTorch's own kernels), and 4-bit LLM loading.
+"""Post-training quantization of trained models with torchao, and 4-bit LLM loading.
 
-:func:`quantize_model` converts the ``nn.Linear`` layers of a module in place:
+:func:`quantize_model` converts the ``nn.Linear`` layers of a module in place with torchao's
+``quantize_`` (PyTorch's own ``torch.ao.quantization.quantize_dynamic`` is deprecated):
 
 =====================  =====================================================  ===========================
-method                 what                                                   backends
+method                 what                                                   torchao config
 =====================  =====================================================  ===========================
-``int8-dynamic``       int8 weights, activations quantized per batch on the   ``pytorch`` (CPU default:
-                       fly; int8 matrix products                              x86/fbgemm kernels),
-                                                                              ``torchao`` (GPU default)
-``int8-weight-only``   int8 weights dequantized in the matmul (memory bound)  ``torchao``
-``int4-weight-only``   int4 weights in groups of ``group_size`` inputs        ``torchao`` (packed tinygemm
-                                                                              on CUDA; on CPU unpacked
-                                                                              to int8 storage)
+``int8-dynamic``       int8 weights, activations quantized per batch on the   ``Int8DynamicActivation``
+                       fly; int8 matrix products                              ``Int8WeightConfig``
+``int8-weight-only``   int8 weights dequantized in the matmul (memory bound)  ``Int8WeightOnlyConfig``
+``int4-weight-only``   int4 weights in groups of ``group_size`` inputs        ``Int4WeightOnlyConfig``
+                                                                              (CUDA), ``IntxWeightOnly``
+                                                                              ``Config`` (CPU)
 =====================  =====================================================  ===========================
 
-torchao's int8-dynamic kernels are fast on CPU only under ``torch.compile`` (eager they are
-~3x slower than float here, see ``../shared/notes/machine.md`` and docs/efficiency.md), so on CPU
-``auto`` picks PyTorch's ``quantize_dynamic``. 4-bit NF4 loading of large language models with
-bitsandbytes is :func:`load_causal_lm_nf4` (a hook for the multimodal-LLM task; Lightning's
+torchao's int8 kernels are fast on CPU only under ``torch.compile`` (eager they are slower than
+float here, see ``../shared/notes/machine.md`` and docs/efficiency.md): quantize for size, and
+compile (``experiments.quantize --compile``) for speed. 4-bit NF4 loading of large language models
+with bitsandbytes is :func:`load_causal_lm_nf4` (a hook for the multimodal-LLM task; Lightning's
 ``BitsandbytesPrecision`` refuses CPU).
 """
 
@@ -31,7 +31,7 @@ import torch.nn as nn
 
 Method = Literal["int8-dynamic", "int8-weight-only", "int4-weight-only"]
 METHODS: tuple[str, ...] = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
-Backend = Literal["auto", "torchao", "pytorch"]
+Backend = Literal["auto", "torchao"]
 
 
 class QuantizationUnavailable(RuntimeError):
@@ -43,28 +43,18 @@ def has_torchao() -> bool:
 
 
 def resolve_backend(method: str, backend: str = "auto", device: str = "cpu") -> str:
-    """The backend that runs ``method`` (see the module docstring); raises :class:`QuantizationUnavailable`."""
+    """The backend that runs ``method``: torchao (the only one); raises :class:`QuantizationUnavailable`."""
     if method not in METHODS:
         hint = " (4-bit NF4 is for loading LLMs: mm_lightning.quantization.load_causal_lm_nf4)" if method == "nf4" else ""
         raise QuantizationUnavailable(f"--method {method!r}: choose one of {', '.join(METHODS)}{hint}")
-    if backend == "auto":
-        if method == "int8-dynamic" and device == "cpu":
-            backend = "pytorch"
-        else:
-            backend = "torchao"
-    if backend == "pytorch" and method != "int8-dynamic":
+    if backend not in ("auto", "torchao"):
         raise QuantizationUnavailable(
-            f"--method {method} --backend pytorch: PyTorch's own quantization has only int8-dynamic; use --backend torchao"
+            f"--backend {backend!r}: only torchao quantizes here (PyTorch's torch.ao.quantization is deprecated); "
+            "use --backend auto"
         )
-    if backend == "torchao" and not has_torchao():
+    if not has_torchao():
         raise QuantizationUnavailable(f"--method {method} needs torchao: pip install 'mm-lightning[quant]'")
-    if backend == "pytorch" and "x86" not in torch.backends.quantized.supported_engines and "fbgemm" not in (
-        torch.backends.quantized.supported_engines
-    ):
-        raise QuantizationUnavailable("PyTorch's int8 kernels (x86/fbgemm) are not in this build; use --backend torchao")
-    if backend not in ("torchao", "pytorch"):
-        raise QuantizationUnavailable(f"--backend must be auto, torchao or pytorch, got {backend!r}")
-    return backend
+    return "torchao"
 
 
 def quantize_model(module: nn.Module, method: str, backend: str = "auto", group_size: int = 32, device: str = "cpu") -> str:
@@ -75,14 +65,6 @@ def quantize_model(module: nn.Module, method: str, backend: str = "auto", group_
     """
     backend = resolve_backend(method, backend, device)
     module.eval()
-    if backend == "pytorch":
-        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
-
-        engines = torch.backends.quantized.supported_engines
-        torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
-        # per-tensor weight scales: the x86 kernels' fast path, ~8% smaller than per-channel here
-        quantize_dynamic(module, {nn.Linear: default_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-        return backend
     from torchao.quantization import quantize_
 
     def linear(mod: nn.Module, fqn: str) -> bool:

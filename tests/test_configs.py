@@ -12,7 +12,16 @@ from experiments.run import MMLightningCLI
 from mm_lightning.data.datamodule import WebDataModule
 from tests.conftest import REPO
 
-CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.yaml"))
+CONFIGS_DIR = REPO / "experiments" / "configs"
+# stage overlays (experiments/configs/stages/) change a connector config's stage and have no model class of their
+# own: each is built stacked on a connector config, as the recipes stack them
+STAGE_BASE = CONFIGS_DIR / "mllm_mlp_shapes.yaml"
+CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml")) + sorted((CONFIGS_DIR / "stages").glob("*.yaml"))
+
+
+def stacked(config: Path) -> list[str]:
+    """``--config`` arguments that build ``config``: a stage overlay comes after its connector config."""
+    return (["--config", str(STAGE_BASE)] if config.parent.name == "stages" else []) + ["--config", str(config)]
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +35,13 @@ def builtin_data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=[f"{c.parent.name}/{c.stem}" if c.parent.name == "stages" else c.stem for c in CONFIGS])
 def test_shipped_config_builds(config: Path, builtin_data: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(builtin_data)
     monkeypatch.setattr(sys, "argv", ["experiments.run"])
     monkeypatch.setenv("MM_RUN_DIR", str(tmp_path))  # restored after the test; the CLI sets it in-process
     cli = MMLightningCLI(
-        args=["--config", str(config), "--prepare_data=false", "--logger=none", f"--trainer.default_root_dir={tmp_path}"],
+        args=[*stacked(config), "--prepare_data=false", "--logger=none", f"--trainer.default_root_dir={tmp_path}"],
         run=False,
     )
     assert isinstance(cli.model, L.LightningModule)

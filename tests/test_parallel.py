@@ -56,17 +56,40 @@ def test_tensor_parallel_plans():
         parallel.tensor_parallel_plan(make_task().model.blocks[0].__class__(dim=48, num_heads=3), 2)
 
 
-def test_activation_checkpointing_keeps_gradients_and_checkpoint_keys():
+def _block_calls_and_saved_tensors(module: nn.Module, blocks: list[nn.Module], step) -> tuple[int, int]:
+    """Calls of ``blocks`` (forward and recomputation) and tensors autograd saves, during one forward + backward."""
+    calls = [0]
+    # a pre-hook: torch's non-reentrant checkpoint stops recomputing a block once it has the tensors it needs
+    hooks = [b.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for b in blocks]
+    saved = [0]
+
+    def pack(t):
+        saved[0] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step(module)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    return calls[0], saved[0]
+
+
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients_and_keys():
+    """Each checkpointed block runs twice per step (forward, then recomputed in backward), autograd keeps fewer
+    tensors, the gradients are the same and so are the parameter names (timm's own switch, no wrapping)."""
     task = tiny_vit_task()
     checked = copy.deepcopy(task)
     checked.activation_checkpointing = True
     checked.configure_model()
     checked.configure_model()  # idempotent: Lightning calls it for every fit/test
-    assert isinstance(checked.model.blocks[0], parallel.ActivationCheckpointed)
-    assert isinstance(checked.model.blocks[0], type(task.model.blocks[0]))
+    assert checked.model.grad_checkpointing is True and task.model.grad_checkpointing is False
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
-    for module in (task, checked):
-        F.cross_entropy(module(x), y).backward()
+    step = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    plain_calls, plain_saved = _block_calls_and_saved_tensors(task, list(task.model.blocks), step)
+    calls, saved = _block_calls_and_saved_tensors(checked, list(checked.model.blocks), step)
+    assert plain_calls == 2 and calls == 4  # 2 blocks: once each, or forward + recompute each
+    assert saved < plain_saved, (saved, plain_saved)
     for a, b in zip(task.parameters(), checked.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
     assert list(checked.state_dict()) == list(task.state_dict())  # same names: loads into a plain model and back
@@ -75,6 +98,31 @@ def test_activation_checkpointing_keeps_gradients_and_checkpoint_keys():
     fresh = tiny_vit_task(activation_checkpointing=True)
     fresh.configure_model()
     fresh.load_state_dict(task.state_dict())
+
+
+def test_activation_checkpointing_of_the_clip_text_tower_and_a_hugging_face_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mm_lightning.models.clip import CLIP
+
+    torch.manual_seed(0)
+    clip = CLIP(image_backbone="vit_tiny_patch16_224",
+                image_backbone_kwargs={"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+                embed_dim=16, vocab_size=50, context_length=8, text_width=32, text_layers=2, text_heads=2)
+    checked = copy.deepcopy(clip)
+    switched = parallel.apply_activation_checkpointing(checked)
+    assert {type(m).__name__ for m in switched} == {"VisionTransformer", "TextTransformer"}
+    ids = torch.randint(3, 50, (4, 8))
+    step = lambda m: m.encode_text(ids).sum()  # noqa: E731
+    plain = _block_calls_and_saved_tensors(clip, list(clip.text_encoder.transformer.layers), step)
+    calls = _block_calls_and_saved_tensors(checked, list(checked.text_encoder.transformer.layers), step)
+    assert plain[0] == 2 and calls[0] == 4 and calls[1] < plain[1], (plain, calls)
+    for a, b in zip(clip.text_encoder.parameters(), checked.text_encoder.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=64))
+    assert parallel.apply_activation_checkpointing(llama) == [llama] and llama.is_activation_checkpointing
+    assert parallel.apply_activation_checkpointing(nn.Linear(2, 2)) == []
 
 
 def test_compile_switch_compiles_blocks_in_place():

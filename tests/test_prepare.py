@@ -283,3 +283,17 @@ def test_cli_tokenizer_trains_on_existing_shards(tmp_path: Path, capsys: pytest.
     with pytest.raises(SystemExit) as exit_info:
         prepare.main(["tokenizer", "--shards", str(tmp_path / "none-*.tar"), "--out", str(tmp_path / "x.json")])
     assert exit_info.value.code == 2 and "--shards" in capsys.readouterr().err
+
+
+def test_stratified_split_keeps_class_shares_and_single_items_in_train() -> None:
+    """scikit-learn's stratified split: per class, test and val take their share (within one item of rounding);
+    a class with one item stays in train; the splits partition the indices."""
+    labels = [0] * 50 + [1] * 30 + [2] * 20 + [3]
+    parts = prepare.stratified_split(labels, val_fraction=0.2, test_fraction=0.1, seed=0)
+    assert sorted(parts["train"] + parts["val"] + parts["test"]) == list(range(len(labels)))
+    assert (len(parts["test"]), len(parts["val"])) == (10, 20)
+    for split, share in (("test", 0.1), ("val", 0.2)):
+        counts = Counter(labels[i] for i in parts[split])
+        assert all(abs(counts[c] - share * n) <= 1 for c, n in ((0, 50), (1, 30), (2, 20))), (split, counts)
+    assert 100 in parts["train"]  # the single item of class 3
+    assert parts == prepare.stratified_split(labels, 0.2, 0.1, seed=0)  # seeded

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from mm_lightning.distributed import all_reduce_sum
+from mm_lightning.distributed import all_reduce_sum, data_parallel_group
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}",
@@ -58,7 +58,8 @@ class ZeroShotClassification(L.Callback):
     Needs a task with ``encode_text(input_ids, attention_mask)`` and image features from its
     evaluation step outputs (``image_features``) or ``encode_image`` (:class:`~mm_lightning.tasks.clip.CLIPTask`),
     and the run's tokenizer, which it reads from ``pl_module.tokenizer`` (the config's top-level
-    ``tokenizer:``; see :mod:`mm_lightning.data.tokenizer`). Counts are summed over ranks under DDP.
+    ``tokenizer:``; see :mod:`mm_lightning.data.tokenizer`). Top-k accuracy is torchmetrics'
+    ``MulticlassAccuracy`` (micro), synchronised over the data-parallel ranks.
 
     Args:
         templates: prompt templates, ``{}`` standing for the class name.
@@ -72,15 +73,15 @@ class ZeroShotClassification(L.Callback):
             raise ValueError(f"zero-shot templates need a '{{}}' for the class name: {bad}")
         self.class_names = list(class_names) if class_names else None
         self.classifier: torch.Tensor | None = None
-        self.correct: dict[int, torch.Tensor] = {}
-        self.total: torch.Tensor | None = None
+        self.accuracy: dict[int, Any] = {}  # top-k -> torchmetrics MulticlassAccuracy
+        self.seen = 0  # labelled samples of this rank
         self._warned = False
 
     def _names(self, trainer: L.Trainer) -> list[str] | None:
         return self.class_names or getattr(getattr(trainer, "datamodule", None), "class_names", None)
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.classifier, self.total, self.correct = None, None, {}
+        self.classifier, self.accuracy, self.seen = None, {}, 0
         names, tokenize = self._names(trainer), getattr(pl_module, "tokenizer", None)
         if not names or tokenize is None:
             if not self._warned:
@@ -89,10 +90,12 @@ class ZeroShotClassification(L.Callback):
                 rank_zero_warn(f"ZeroShotClassification: no {what}; zero-shot evaluation is skipped")
                 self._warned = True
             return
+        from torchmetrics.classification import MulticlassAccuracy
+
         self.classifier = zeroshot_classifier(pl_module.encode_text, tokenize, names, self.templates, pl_module.device)
-        self.topk = sorted({1, min(5, len(names))})
-        self.correct = {k: torch.zeros((), dtype=torch.long, device=pl_module.device) for k in (1, 5)}
-        self.total = torch.zeros((), dtype=torch.long, device=pl_module.device)
+        group = data_parallel_group()  # summed over the data-parallel ranks, not a tensor-parallel group's copies
+        self.accuracy = {k: MulticlassAccuracy(len(names), top_k=min(k, len(names)), average="micro",
+                                               process_group=group).to(pl_module.device) for k in (1, 5)}
 
     def _update(self, pl_module: L.LightningModule, outputs: Any, batch: dict[str, Any]) -> None:
         if self.classifier is None or not isinstance(batch, dict) or "label" not in batch:
@@ -112,22 +115,23 @@ class ZeroShotClassification(L.Callback):
             raise ValueError(
                 f"label {int(labels.max())} but only {self.classifier.shape[0]} class names for zero-shot classification"
             )
-        top = logits.topk(self.topk[-1], dim=-1).indices
-        hits = top == labels[:, None]
-        self.correct[1] += hits[:, :1].any(1).sum()
-        self.correct[5] += hits.any(1).sum()
-        self.total += labels.numel()
+        for metric in self.accuracy.values():
+            metric.update(logits, labels)
+        self.seen += labels.numel()
 
     def _finish(self, pl_module: L.LightningModule, split: str) -> None:
-        if self.total is None:
+        if not self.accuracy:
             return
-        counts = all_reduce_sum(torch.stack([self.correct[1], self.correct[5], self.total]))
-        if int(counts[2]) == 0:
+        # every rank calls compute (it syncs); a rank without labelled samples contributes zero counts
+        seen = all_reduce_sum(torch.tensor(self.seen, device=self.classifier.device))
+        if int(seen) == 0:
             rank_zero_warn(f"ZeroShotClassification: no labelled {split} samples (label >= 0); nothing to log")
+            self.accuracy = {}
             return
-        pl_module.log(f"{split}/zeroshot_top1", counts[0].float() / counts[2], sync_dist=True, prog_bar=True)
-        pl_module.log(f"{split}/zeroshot_top5", counts[1].float() / counts[2], sync_dist=True)
-        self.classifier = None
+        top1, top5 = self.accuracy[1].compute(), self.accuracy[5].compute()
+        pl_module.log(f"{split}/zeroshot_top1", top1, prog_bar=True)
+        pl_module.log(f"{split}/zeroshot_top5", top5)
+        self.classifier, self.accuracy = None, {}
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

@@ -54,10 +54,40 @@ def member_names(sample: dict[str, Any]) -> str:
 def decode_rgb(data: bytes) -> torch.Tensor:
     """Decode PNG/JPEG/WebP bytes to a uint8 (3, H, W) tensor with torchvision's native decoders.
 
-    torchvision's decoders are ~2x faster than PIL on JPEG (``../shared/notes/machine.md``).
+    torchvision's decoders are ~2x faster than PIL on JPEG (``../shared/notes/machine.md``) and 2-4x on
+    the small PNGs of our shards (32 px: ~4,600 vs ~1,000 decodes/s, side by side). torchvision 0.29
+    deprecates them in favour of TorchCodec, which is not in our pins yet: its DeprecationWarning comes
+    from ``torchvision.io.image`` and is filtered by module in ``pyproject.toml`` until we move.
     """
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return decode_image(buf, mode=ImageReadMode.RGB)
+
+
+class WholeImageCrop:
+    """``RandomResizedCrop(size, scale=(1.0, 1.0))`` without its random draws: the whole image, resized.
+
+    At scale 1 ``RandomResizedCrop`` ends with the whole image (or, for an aspect ratio outside
+    ``ratio``, the largest centred crop within it) after up to ten random draws, most of its cost in a
+    data worker; this computes that directly. Pixel for pixel the same for square images (every
+    shapes and digits image); for other shapes ``RandomResizedCrop`` now and then keeps a draw that
+    trims a row or column, which this never does.
+    """
+
+    def __init__(self, size: int, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.size = [size, size]
+        self.ratio = ratio
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        aspect = width / height
+        if aspect < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif aspect > max(self.ratio):
+            w, h = int(round(height * max(self.ratio))), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+        return v2.functional.resized_crop(image, top, left, h, w, self.size, antialias=True)
 
 
 def image_transforms(
@@ -68,16 +98,25 @@ def image_transforms(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
-    """timm-style transforms on uint8 tensors: random resized crop + flip to train, resize to evaluate."""
+    """timm-style transforms on uint8 tensors: random resized crop + flip to train, resize to evaluate.
+
+    ``crop_scale`` ``(1.0, 1.0)`` crops nothing at random: :class:`WholeImageCrop` gives the same pixels
+    without the random draws."""
     ops: list[Any] = []
     if training:
-        ops.append(v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True))
+        ops.append(_resized_crop(image_size, crop_scale))
         if hflip:
             ops.append(v2.RandomHorizontalFlip())
     else:
         ops.append(v2.Resize((image_size, image_size), antialias=True))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(ops)
+
+
+def _resized_crop(image_size: int, crop_scale: Sequence[float]) -> Any:
+    if tuple(float(c) for c in crop_scale) == (1.0, 1.0):
+        return WholeImageCrop(image_size)
+    return v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)
 
 
 class SamplePipeline:
@@ -140,7 +179,7 @@ def simclr_transforms(
     """SimCLR's augmentation on uint8 tensors (torchvision v2): random resized crop, horizontal flip,
     colour jitter (brightness, contrast, saturation, hue) with probability ``jitter``, grayscale with
     probability ``grayscale``, Gaussian blur (kernel ~10% of the side, odd) with probability ``blur``."""
-    ops: list[Any] = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
+    ops: list[Any] = [_resized_crop(image_size, crop_scale)]
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(p=hflip))
     if jitter > 0:

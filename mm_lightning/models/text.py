@@ -86,7 +86,12 @@ class TextTransformer(nn.Module):
         self.transformer = nn.TransformerEncoder(block, num_layers=layers, enable_nested_tensor=False)
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Linear(width, embed_dim, bias=False)
+        self.grad_checkpointing = False
         self.init_weights(layers, width)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (timm's switch, same name)."""
+        self.grad_checkpointing = enable
 
     def init_weights(self, layers: int, width: int) -> None:
         """CLIP's initialisation: small embeddings, residual projections scaled down with depth."""
@@ -121,14 +126,21 @@ class TextTransformer(nn.Module):
             if 0 < longest < length:
                 input_ids, attention_mask, length = input_ids[:, :longest], attention_mask[:, :longest], longest
         x = self.token_embedding(input_ids) + self.positional_embedding[:length]
-        mask = None
+        mask = pad = None
         if self.causal:
             # Causal attention: a token sees itself and earlier tokens. The pads come after the
             # end-of-text token, so no real token ever attends to them.
             mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device, dtype=x.dtype)
-            x = self.transformer(x, mask=mask, is_causal=True)
         else:
             pad = attention_mask == 0
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            for block in self.transformer.layers:  # what nn.TransformerEncoder runs, block by block
+                x = checkpoint(block, x, mask, pad, self.causal, use_reentrant=False)
+        elif self.causal:
+            x = self.transformer(x, mask=mask, is_causal=True)
+        else:
             x = self.transformer(x, src_key_padding_mask=pad)
         x = self.ln_final(x)
         return self.text_projection(pool_tokens(x, attention_mask, self.pooling))

@@ -67,8 +67,9 @@ class Task(L.LightningModule):
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
         schedule: ``cosine`` (after warmup) or ``constant``.
         activation_checkpointing: recompute the activations of each transformer block in the
-            backward pass instead of storing them (less memory, ~30% more compute); the blocks
-            come from :meth:`transformer_blocks`.
+            backward pass instead of storing them (less memory, ~30% more compute), through the
+            network's own switches (timm's ``set_grad_checkpointing``, Hugging Face's
+            ``activation_checkpointing_enable``; :func:`mm_lightning.parallel.apply_activation_checkpointing`).
         compile: ``torch.compile`` each transformer block (or the whole trained module when it
             has none) in place; checkpoints keep their parameter names.
     """
@@ -133,7 +134,7 @@ class Task(L.LightningModule):
 
     # --------------------------------------------------- efficient training (mm_lightning.parallel)
     def transformer_blocks(self) -> list[nn.Module]:
-        """The repeated blocks that FSDP shards, tensor parallelism splits and checkpointing wraps.
+        """The repeated blocks that FSDP shards, tensor parallelism splits and compile compiles one by one.
 
         By default found in :meth:`optimized_module` by
         :func:`mm_lightning.parallel.find_transformer_blocks` (timm ViT blocks, ``nn.TransformerEncoderLayer``,
@@ -199,13 +200,11 @@ class Task(L.LightningModule):
             if self.torch_compile and not blocks:
                 self.optimized_module().compile()
             return
-        if self.activation_checkpointing:
-            if not blocks:
-                raise ValueError(
-                    f"model.activation_checkpointing: {type(self).__name__} has no transformer blocks to checkpoint;"
-                    " override transformer_blocks()"
-                )
-            blocks = parallel.apply_activation_checkpointing(blocks)
+        if self.activation_checkpointing and not parallel.apply_activation_checkpointing(self.optimized_module()):
+            raise ValueError(
+                f"model.activation_checkpointing: {type(self).__name__}'s network has no part with a checkpointing "
+                "switch (timm's set_grad_checkpointing, Hugging Face's activation_checkpointing_enable)"
+            )
         if self.torch_compile:
             parallel.compile_modules(blocks or [self.optimized_module()])
 

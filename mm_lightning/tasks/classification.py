@@ -142,14 +142,16 @@ class ImageClassifier(Task):
 
     def on_test_epoch_end(self) -> None:
         matrix = self.test_confusion.compute().cpu()
-        self.test_confusion.reset()
         if self.trainer.is_global_zero:
             names = getattr(self.trainer.datamodule, "class_names", None)
-            save_confusion_matrix(matrix, names, self.trainer)
+            save_confusion_matrix(self.test_confusion, matrix, names, self.trainer)
+        self.test_confusion.reset()
 
 
-def save_confusion_matrix(matrix: torch.Tensor, names: list[str] | None, trainer: Any) -> str:
-    """Plot the confusion matrix, save ``confusion_matrix.png`` in the run directory, log it to W&B."""
+def save_confusion_matrix(metric: MulticlassConfusionMatrix, matrix: torch.Tensor, names: list[str] | None,
+                          trainer: Any) -> str:
+    """Plot the confusion matrix (torchmetrics' ``plot``), save ``confusion_matrix.png`` in the run directory, log
+    it to W&B."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,22 +159,13 @@ def save_confusion_matrix(matrix: torch.Tensor, names: list[str] | None, trainer
 
     n = matrix.shape[0]
     names = names if names and len(names) == n else [str(i) for i in range(n)]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 1.0 + 0.5 * n))
-    ax.imshow(matrix.numpy(), cmap="Blues")
-    ax.set_xticks(range(n), names, rotation=90)
-    ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(n):
-        for j in range(n):
-            if matrix[i, j]:
-                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7)
-    fig.tight_layout()
+    fig, _ = metric.plot(matrix, labels=names, cmap="Blues")
+    fig.set_size_inches(1.5 + 0.5 * n, 1.5 + 0.5 * n)
     path = os.path.join(trainer.default_root_dir, "confusion_matrix.png")
     os.makedirs(trainer.default_root_dir, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):
             logger.log_image(key="test/confusion_matrix", images=[path])
-    plt.close(fig)
     return path
