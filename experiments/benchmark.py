@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),
                         help="experiment configs (names in experiments/configs or paths; default: one per task)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.batch_size=64")
-    parser.add_argument("--parts", default="overhead,data,startup,presets", help="comma-separated: overhead, data, startup, presets")
+    parser.add_argument("--parts", default="overhead,data,startup,presets", help="comma-separated: overhead, data, startup, presets, vlm")
     parser.add_argument("--rounds", type=int, default=5, help="blocks of steps, one ratio each (a)")
     parser.add_argument("--steps", type=int, default=None, help="steps per block (a); default the config's logging interval")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start (a)")
@@ -544,10 +544,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "presets" in parts:
         print("(d) presets and precisions", flush=True)
         result["presets"] = preset_runs([config_path(args.experiments[0])], args)
+    if "vlm" in parts:  # the multimodal LLM per connector (experiments/benchmark_vlm.py)
+        from experiments import benchmark_vlm
+
+        print("(e) multimodal LLM per connector: bare PyTorch loop vs Trainer, alternated", flush=True)
+        result["vlm"] = [benchmark_vlm.vlm_overhead(c, args, args.set) for c in benchmark_vlm.CONFIGS]
     out = Path(args.out or REPO / "runs" / "benchmark" / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
+    if "vlm" in result:
+        from experiments.benchmark_vlm import markdown as vlm_markdown
+
+        table += "\n" + vlm_markdown(result["vlm"])
     (out / "benchmark.md").write_text(table)
     print("\n" + table)
     print(f"Results: {out / 'benchmark.json'}")

@@ -81,7 +81,8 @@ def vlm_overhead(config: str, args: argparse.Namespace, overrides: list[str] | N
     tokens = statistics.mean(float(b["attention_mask"].sum()) for b in batches)
     precision = str((merged.get("trainer") or {}).get("precision", "32-true"))
     log_every = int((merged.get("trainer") or {}).get("log_every_n_steps", 50))
-    total = args.warmup + args.rounds * args.steps
+    steps = args.steps or log_every  # experiments.benchmark's default: the config's logging interval
+    total = args.warmup + args.rounds * steps
     bare = BareVLMLoop(task, batches, total, device)
     dataset = Interleaved(bare, total)
     clock = StepClock(device)
@@ -106,7 +107,7 @@ def vlm_overhead(config: str, args: argparse.Namespace, overrides: list[str] | N
         bare_steps.append(intervals[i][1] - intervals[i][0])
     ratios = []
     for r in range(args.rounds):
-        block = slice(r * args.steps, (r + 1) * args.steps)
+        block = slice(r * steps, (r + 1) * steps)
         ratios.append(sum(trainer_steps[block]) / sum(bare_steps[block]))
     counts = task.parameter_counts()
     row = {
@@ -134,7 +135,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="blocks of steps, one ratio each")
-    parser.add_argument("--steps", type=int, default=20, help="steps per block (a multiple of the logging interval)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per block (default: the config's logging interval)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start")
     parser.add_argument("--logger", default="wandb", choices=("wandb", "csv"), help="the Trainer's logger, as experiments.run")
 
