@@ -44,6 +44,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from experiments import benchmark_dpo, benchmark_vlm
 from experiments.common import load_task_and_data
 from mm_lightning.tasks.base import param_groups, warmup_cosine
 
@@ -288,6 +289,7 @@ def overhead(config: str, args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- (b) and (c): fresh processes
 _DATA_PATH = r"""
 import json, sys, time
+from experiments import benchmark_dpo, benchmark_vlm
 from experiments.common import load_task_and_data
 config, workers, batches, overrides = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 _, data, _ = load_task_and_data([config], overrides + [f"data.num_workers={workers}"])
@@ -503,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),
                         help="experiment configs (names in experiments/configs or paths; default: one per task)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.batch_size=64")
-    parser.add_argument("--parts", default="overhead,data,startup,presets", help="comma-separated: overhead, data, startup, presets, vlm")
+    parser.add_argument("--parts", default="overhead,data,startup,presets", help="comma-separated: overhead, data, startup, presets, vlm (per MLLM connector), dpo")
     parser.add_argument("--rounds", type=int, default=5, help="blocks of steps, one ratio each (a)")
     parser.add_argument("--steps", type=int, default=None, help="steps per block (a); default the config's logging interval")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start (a)")
@@ -516,6 +518,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--presets", nargs="*", default=None, help="presets to run (d); default all")
     parser.add_argument("--preset-steps", type=int, default=25, help="steps per preset run (d)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--dpo-configs", nargs="+", default=[str(REPO / "experiments/configs/mllm_mlp_shapes.yaml"),
+                        str(REPO / "experiments/configs/stages/dpo_shapes.yaml")], help="stacked DPO configs (dpo)")
+    for flag, value in benchmark_dpo.DEFAULTS.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=value, help="see experiments.benchmark_dpo")
     parser.add_argument("--out", default=None, help="output directory (default runs/benchmark/<timestamp>)")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -544,19 +550,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "presets" in parts:
         print("(d) presets and precisions", flush=True)
         result["presets"] = preset_runs([config_path(args.experiments[0])], args)
-    if "vlm" in parts:  # the multimodal LLM per connector (experiments/benchmark_vlm.py)
-        from experiments import benchmark_vlm
-
-        print("(e) multimodal LLM per connector: bare PyTorch loop vs Trainer, alternated", flush=True)
-        result["vlm"] = [benchmark_vlm.vlm_overhead(c, args, args.set) for c in benchmark_vlm.CONFIGS]
+    if "vlm" in parts:  # experiments/benchmark_vlm.py: the same overhead ratio, per MLLM connector
+        print("(e) multimodal LLM: bare PyTorch loop vs Trainer, per connector", flush=True)
+        vlm_args = argparse.Namespace(**{**vars(args), "steps": args.steps or 20})
+        result["vlm"] = [benchmark_vlm.vlm_overhead(c, vlm_args, args.set) for c in benchmark_vlm.CONFIGS]
+    if "dpo" in parts:  # experiments/benchmark_dpo.py: live vs precomputed reference log-probs
+        print("(f) DPO: tokens/s with the live and the precomputed reference", flush=True)
+        result["dpo"] = benchmark_dpo.dpo_efficiency(args.dpo_configs, args)
     out = Path(args.out or REPO / "runs" / "benchmark" / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     if "vlm" in result:
-        from experiments.benchmark_vlm import markdown as vlm_markdown
-
-        table += "\n" + vlm_markdown(result["vlm"])
+        table += "\n" + benchmark_vlm.markdown(result["vlm"])
+    if "dpo" in result:
+        table += "\n" + "\n".join(benchmark_dpo.dpo_markdown(result["dpo"])) + "\n"
     (out / "benchmark.md").write_text(table)
     print("\n" + table)
     print(f"Results: {out / 'benchmark.json'}")

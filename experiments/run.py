@@ -381,7 +381,8 @@ class MMLightningCLI(LightningCLI):
         if cfg.prepare_data:
             data = cfg.data
             splits = {"fit": ("train", "val", "test"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-            prepare_builtin_data([data.get(s) for s in splits.get(self.subcommand, ())])
+            # built without a sub-command (experiments.common: the benchmark, quantize): the data a fit reads
+            prepare_builtin_data([data.get(s) for s in splits.get(self.subcommand or "fit", ())])
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
