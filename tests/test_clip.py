@@ -382,8 +382,9 @@ def test_clip_trains_on_img2dataset_shards_with_two_ddp_ranks(tmp_path):
     assert ddp["steps"] == 5 * (320 // 32) and ddp["data/skipped"] == 0
     assert ddp["test/i2t_R@1"] >= 0.9 and ddp["test/zeroshot_top1"] >= 0.9, ddp  # chance: ~0.25
     assert "val/zeroshot_top1" not in ddp and ddp["val/i2t_R@1"] >= 0.9
-    # the temperature is learned (it starts at 1/0.07; the clamp at 100 is tested in the fast test above)
-    assert abs(math.log(ddp["train/logit_scale"]) - math.log(1 / 0.07)) > 0.01, ddp["train/logit_scale"]
+    # the temperature is learned (it starts at 1/0.07; the clamp at 100 is tested in the fast test above): in 50 steps
+    # at this lr its log moved 0.0046 here; a frozen one moves 0 (float32 logging error ~1e-7)
+    assert abs(math.log(ddp["train/logit_scale"]) - math.log(1 / 0.07)) > 1e-3, ddp["train/logit_scale"]
     # One process on the same checkpoint sees the same 90 test pairs: the gathered metrics agree.
     single = tmp_path / "single"
     run_cli("test", "--config", str(config), f"--data.test={test}", f"--ckpt_path={run}/checkpoints/best.ckpt",
