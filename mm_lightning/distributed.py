@@ -11,8 +11,9 @@ The group is the default (whole) group unless :func:`set_data_parallel_group` na
 ``ModelParallelStrategy``'s device mesh at the start of every ``fit`` / ``validate`` / ``test``, and
 back to the whole group under any other strategy.
 
-Built on ``torch.distributed.nn.functional.all_gather`` (differentiable: its backward sums the
-gradients every rank computed for a slice and hands each rank its own) and torchmetrics'
+Built on ``torch.distributed._functional_collectives.all_gather_tensor_autograd`` (differentiable: its
+backward reduce-scatters, summing the gradients every rank computed for a slice and handing each rank its
+own; it replaces ``torch.distributed.nn.functional.all_gather``, deprecated in torch 2.14) and torchmetrics'
 ``gather_all_tensors`` (tensors whose sizes differ between ranks).
 """
 
@@ -58,10 +59,10 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     loss on one process holding the whole batch. The identity on a single process."""
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
     group = _DATA_PARALLEL_GROUP if _DATA_PARALLEL_GROUP is not None else dist.group.WORLD
-    return torch.cat(all_gather(x.contiguous(), group=group), dim=0)
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=group)
 
 
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
