@@ -427,7 +427,8 @@ class MMLightningCLI(LightningCLI):
         from lightning.pytorch.loggers import WandbLogger
 
         online = os.environ.get("WANDB_MODE", "offline") == "online"
-        os.makedirs(root, exist_ok=True)  # W&B resolves its git root (commit, diff) from an existing save_dir
+        # W&B resolves its git root (commit, diff) from an existing save_dir: it starts lazily, at the first log,
+        # by when the run directory is claimed (created); making it here would fail the claim of a new one
         return WandbLogger(
             save_dir=os.path.abspath(root),
             project=cfg.wandb_project, name=cfg.run_name, group=cfg.run_name, offline=not online,
