@@ -281,7 +281,9 @@ def test_pruning_reaches_the_sparsity_and_keeps_accuracy(baseline_run, tmp_path)
     weights = [v for k, v in state.items() if k.startswith("model.") and k.endswith(".weight") and v.ndim == 2]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros == pytest.approx(target, abs=0.002)  # the tested checkpoint is the pruned model
-    assert pruned["test/acc"] >= dense["test/acc"] - 0.02, (dense["test/acc"], pruned["test/acc"])
+    # 3 sd of the difference of two accuracies near 0.4 on the 2,000 test images (~0.015 each way): pruning that
+    # broke the model falls to chance (1/6), far below
+    assert pruned["test/acc"] >= dense["test/acc"] - 0.045, (dense["test/acc"], pruned["test/acc"])
 
 
 @pytest.mark.slow
