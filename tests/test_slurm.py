@@ -86,7 +86,12 @@ def test_shapes_job_completes_writes_summary_and_no_api_key(slurm, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "config.yaml").exists()
     wandb_runs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert wandb_runs, "no offline W&B run in the run directory"
-    assert b"vit_shapes" in wandb_runs[0].read_bytes()  # grouped and named by the experiment
+    # grouped and named by the experiment; W&B's service process may still be flushing the file when the job
+    # reads COMPLETED (CI once saw only its 7-byte header), so give it a little time
+    deadline = time.monotonic() + 60
+    while b"vit_shapes" not in wandb_runs[0].read_bytes() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert b"vit_shapes" in wandb_runs[0].read_bytes(), wandb_runs[0].read_bytes()[:200]
     # the key in the submitting environment is written nowhere: not in the script, logs, configs or W&B files
     leaked = [p for p in run.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert not leaked, leaked
