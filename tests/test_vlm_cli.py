@@ -77,6 +77,8 @@ def test_every_stage_of_a_shipped_recipe_builds(recipe: Path, name: str, builtin
     monkeypatch.setattr(sys, "argv", ["experiments.run"])
     monkeypatch.setenv("MM_RUN_DIR", str(tmp_path))
     args = [a for c in stage["configs"] for a in ("--config", str(REPO / c))] + list(stage.get("args") or [])
+    # the recipe hands each input over as a path (the earlier stage's best checkpoint), read only at fit
+    args += [f"--{key}={tmp_path / source / 'checkpoints' / 'best.ckpt'}" for key, source in (stage.get("inputs") or {}).items()]
     cli = MMLightningCLI(args=[*args, "--prepare_data=false", "--logger=none", f"--trainer.default_root_dir={tmp_path}"],
                          run=False)
     assert isinstance(cli.model, L.LightningModule) and isinstance(cli.trainer, L.Trainer)
