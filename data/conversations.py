@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from data.prepare import SPLITS, _check, _finish, _image_member, _start, _write_split
+from data.prepare import SPLITS, _finish, _image_member, _random_split, _shard_name, _source_paths, _start, _write_split
 from mm_lightning.data.chat_tokenizer import CHAT_TOKENIZER_DIR, json_texts, train_chat_tokenizer
 from mm_lightning.data.conversations import ConversationError, parse_conversation
 
@@ -101,25 +97,13 @@ def prepare_conversations(src: str | os.PathLike, images: str | os.PathLike, out
                           image_size: int | None = None, samples_per_shard: int | None = None, name: str | None = None,
                           skip_text_only: bool = False, vocab_size: int = 1000, progress: bool = True) -> dict[str, Any]:
     """Turn a LLaVA-format JSON file and its image folder into instruction shards; returns the manifest."""
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"--val-fraction ({val_fraction}) and --test-fraction ({test_fraction}) must be in [0, 1) "
-                         "and sum to less than 1")
-    if image_size is not None:
-        _check(image_size, "--image-size", 8)
-    if samples_per_shard is not None:
-        _check(samples_per_shard, "--samples-per-shard", 1)
-    src_path = os.path.expanduser(os.fspath(src))
-    image_root = os.path.expanduser(os.fspath(images))
-    if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"--images {image_root!r} is not a directory")
+    src_path, image_root = _source_paths(src, images, val_fraction, test_fraction, image_size, samples_per_shard)
     entries = read_entries(src_path)
     usable, skipped = check_entries(entries, src_path, image_root, skip_text_only)
-    order = np.random.default_rng(seed).permutation(len(usable)).tolist()
-    n_test, n_val = round(len(usable) * test_fraction), round(len(usable) * val_fraction)
-    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    parts = _random_split(len(usable), val_fraction, test_fraction, seed)
     if not parts["train"]:
         raise ValueError(f"--src {src_path!r}: no entries left for training ({len(usable)} in all)")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or Path(src_path).stem).strip("_.") or "conversations"
+    name = _shard_name(name, src_path, "conversations")
 
     def samples(indices: list[int]) -> Iterator[dict[str, Any]]:
         for k in indices:

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from data.prepare import SPLITS, _check, _finish, _image_member, _start, _write_split
+from data.prepare import SPLITS, _finish, _image_member, _random_split, _shard_name, _source_paths, _start, _write_split
 from mm_lightning.data.chat_tokenizer import CHAT_TOKENIZER_DIR, IMAGE_TOKEN, train_chat_tokenizer
 from mm_lightning.data.conversations import ConversationError
 from mm_lightning.data.preferences import PAIR_KEYS, completion_text, prompt_turns
@@ -85,17 +81,7 @@ def prepare_preferences(src: str | os.PathLike, images: str | os.PathLike, out_d
                         image_size: int | None = None, samples_per_shard: int | None = None, name: str | None = None,
                         vocab_size: int = 1000, progress: bool = True) -> dict[str, Any]:
     """Turn a preference JSONL file and its image folder into preference shards; returns the manifest."""
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"--val-fraction ({val_fraction}) and --test-fraction ({test_fraction}) must be in [0, 1) "
-                         "and sum to less than 1")
-    if image_size is not None:
-        _check(image_size, "--image-size", 8)
-    if samples_per_shard is not None:
-        _check(samples_per_shard, "--samples-per-shard", 1)
-    src_path = os.path.expanduser(os.fspath(src))
-    image_root = os.path.expanduser(os.fspath(images))
-    if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"--images {image_root!r} is not a directory")
+    src_path, image_root = _source_paths(src, images, val_fraction, test_fraction, image_size, samples_per_shard)
     rows = read_rows(src_path)
     checked = [check_row(row, f"--src {src_path!r} row {i + 1}", image_root) for i, row in enumerate(rows)]
     decoded: set[str] = set()
@@ -106,12 +92,10 @@ def prepare_preferences(src: str | os.PathLike, images: str | os.PathLike, out_d
             except ValueError as err:
                 raise ValueError(f"--src {src_path!r} row {i + 1}: {err}") from None
             decoded.add(path)
-    order = np.random.default_rng(seed).permutation(len(rows)).tolist()
-    n_test, n_val = round(len(rows) * test_fraction), round(len(rows) * val_fraction)
-    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    parts = _random_split(len(rows), val_fraction, test_fraction, seed)
     if not parts["train"]:
         raise ValueError(f"--src {src_path!r}: no rows left for training ({len(rows)} in all)")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or Path(src_path).stem).strip("_.") or "preferences"
+    name = _shard_name(name, src_path, "preferences")
 
     def samples(indices: list[int]) -> Iterator[dict[str, Any]]:
         for i in indices:

@@ -61,6 +61,35 @@ def _check(value: int, flag: str, minimum: int) -> None:
         raise ValueError(f"{flag} must be at least {minimum}, got {value}")
 
 
+def _source_paths(src: str | os.PathLike, images: str | os.PathLike, val_fraction: float, test_fraction: float,
+                  image_size: int | None, samples_per_shard: int | None) -> tuple[str, str]:
+    """The checked flags of a ``--src FILE --images DIR`` subcommand; returns ``(src path, image folder)``."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"--val-fraction ({val_fraction}) and --test-fraction ({test_fraction}) must be in [0, 1) "
+                         "and sum to less than 1")
+    if image_size is not None:
+        _check(image_size, "--image-size", 8)
+    if samples_per_shard is not None:
+        _check(samples_per_shard, "--samples-per-shard", 1)
+    src_path = os.path.expanduser(os.fspath(src))
+    image_root = os.path.expanduser(os.fspath(images))
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"--images {image_root!r} is not a directory")
+    return src_path, image_root
+
+
+def _random_split(count: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Indices ``0..count-1`` shuffled by ``seed`` into test, val and train parts of the given fractions."""
+    order = np.random.default_rng(seed).permutation(count).tolist()
+    n_test, n_val = round(count * test_fraction), round(count * val_fraction)
+    return {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+
+
+def _shard_name(name: str | None, src_path: str, default: str) -> str:
+    """A shard-name prefix from ``name`` (or the source file's stem) with only safe characters."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name or Path(src_path).stem).strip("_.") or default
+
+
 def _write_split(out: Path, name: str, split: str, samples: Iterable[dict[str, Any]], num_samples: int,
                  samples_per_shard: int | None, progress: bool) -> dict[str, Any] | None:
     """Write one split's shards; returns its manifest entry (``None`` for an empty split)."""
