@@ -44,7 +44,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from experiments import benchmark_dpo, benchmark_vlm
 from experiments.common import load_task_and_data
 from mm_lightning.tasks.base import param_groups, warmup_cosine
 
@@ -202,6 +201,19 @@ class StepClock(L.Callback):
         self.ends.append(time.perf_counter())
 
 
+def step_times(clock: StepClock, dataset: Interleaved, warmup: int, total: int) -> tuple[list[float], list[float]]:
+    """Per step after ``warmup``: the Trainer's time (between two step ends, less the bare steps run inside that
+    window while the loader fetched) and the bare loop's time for the same batch."""
+    ends, intervals = clock.ends, dataset.intervals
+    trainer_steps, bare_steps = [], []
+    for i in range(warmup, total):
+        window = (ends[i - 1], ends[i])
+        inside = sum(b - a for a, b in intervals if a >= window[0] and b <= window[1])
+        trainer_steps.append(window[1] - window[0] - inside)
+        bare_steps.append(intervals[i][1] - intervals[i][0])
+    return trainer_steps, bare_steps
+
+
 def default_callbacks(root: str, logger: str) -> tuple[list[L.Callback], Any]:
     """``experiments.run``'s default callbacks and logger (with the throughput monitor)."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -259,13 +271,7 @@ def overhead(config: str, args: argparse.Namespace) -> dict[str, Any]:
             import wandb
 
             wandb.finish()
-    ends, intervals = clock.ends, dataset.intervals
-    trainer_steps, bare_steps = [], []
-    for i in range(args.warmup, total):
-        window = (ends[i - 1], ends[i])
-        inside = sum(b - a for a, b in intervals if a >= window[0] and b <= window[1])
-        trainer_steps.append(window[1] - window[0] - inside)
-        bare_steps.append(intervals[i][1] - intervals[i][0])
+    trainer_steps, bare_steps = step_times(clock, dataset, args.warmup, total)
     rounds = []
     for r in range(args.rounds):
         block = slice(r * steps, (r + 1) * steps)
@@ -289,7 +295,6 @@ def overhead(config: str, args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- (b) and (c): fresh processes
 _DATA_PATH = r"""
 import json, sys, time
-from experiments import benchmark_dpo, benchmark_vlm
 from experiments.common import load_task_and_data
 config, workers, batches, overrides = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 _, data, _ = load_task_and_data([config], overrides + [f"data.num_workers={workers}"])
@@ -501,6 +506,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from experiments import benchmark_dpo, benchmark_vlm  # the MLLM/DPO parts (they import benchmark's pieces)
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),
                         help="experiment configs (names in experiments/configs or paths; default: one per task)")

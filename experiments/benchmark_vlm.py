@@ -70,7 +70,7 @@ class BareVLMLoop:
 
 def vlm_overhead(config: str, args: argparse.Namespace, overrides: list[str] | None = None) -> dict[str, Any]:
     """One connector's row: parameters, tokens/s of the bare loop and of the Trainer, and the overhead ratio."""
-    from experiments.benchmark import Interleaved, StepClock, _device, default_callbacks
+    from experiments.benchmark import Interleaved, StepClock, _device, default_callbacks, step_times
     from experiments.common import load_task_and_data
 
     L.seed_everything(0, verbose=False)
@@ -98,13 +98,7 @@ def vlm_overhead(config: str, args: argparse.Namespace, overrides: list[str] | N
             import wandb
 
             wandb.finish()
-    ends, intervals = clock.ends, dataset.intervals
-    trainer_steps, bare_steps = [], []
-    for i in range(args.warmup, total):
-        window = (ends[i - 1], ends[i])
-        inside = sum(b - a for a, b in intervals if a >= window[0] and b <= window[1])
-        trainer_steps.append(window[1] - window[0] - inside)
-        bare_steps.append(intervals[i][1] - intervals[i][0])
+    trainer_steps, bare_steps = step_times(clock, dataset, args.warmup, total)
     ratios = []
     for r in range(args.rounds):
         block = slice(r * steps, (r + 1) * steps)
