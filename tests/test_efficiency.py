@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import time
 
 import lightning as L
 import pytest
@@ -74,8 +75,15 @@ def test_throughput_monitor_logs_speed_and_memory(tmp_path):
 
     from lightning.pytorch.loggers import CSVLogger
 
-    monitor = ThroughputMonitor(warmup_steps=1, window=2)
-    trainer = quiet_trainer(max_steps=7, limit_val_batches=0, callbacks=[monitor], log_every_n_steps=2,
+    class StepClock(L.Callback):  # an independent clock at the same hook, called right before the monitor's
+        def __init__(self) -> None:
+            self.at: dict[int, float] = {}
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            self.at[trainer.global_step] = time.perf_counter()
+
+    monitor, clock = ThroughputMonitor(warmup_steps=1, window=2), StepClock()
+    trainer = quiet_trainer(max_steps=7, limit_val_batches=0, callbacks=[clock, monitor], log_every_n_steps=2,
                             logger=CSVLogger(tmp_path, name="", version=""))
     rss_before = _vm_kb("VmRSS") / 2**20
     trainer.fit(make_task(), train_dataloaders=loader(8))
@@ -86,6 +94,12 @@ def test_throughput_monitor_logs_speed_and_memory(tmp_path):
         # both logged as float32 (relative rounding 6e-8 each)
         assert float(row["perf/samples_per_s"]) * float(row["perf/step_time"]) == pytest.approx(8.0, rel=1e-6)
         assert 0.9 * rss_before <= float(row["perf/max_memory_gb"]) <= peak_after
+    # each window runs from the end of the step that closed the one before (the warm-up step, 1, for the first)
+    # to step k: the interval our clock sees, up to the dispatch between the two callbacks (microseconds on
+    # steps of ~20 ms; a clock off by 2x is far outside 10%)
+    for start, row in zip([1, 2, 4], rows):
+        k = int(row["step"]) + 1
+        assert float(row["perf/step_time"]) == pytest.approx((clock.at[k] - clock.at[start]) / (k - start), rel=0.1)
     assert "perf/mfu" not in trainer.callback_metrics  # no known peak FLOPs on a CPU
     assert monitor.flops_per_batch is None
 

@@ -269,6 +269,19 @@ def test_runs_are_never_overwritten_and_a_refused_resume_writes_nothing(colour_s
                      f"--trainer.default_root_dir={b}", check=False)
     assert resume.returncode == 2 and "is at epoch 1, beyond --trainer.max_epochs=0" in error_line(resume)
     assert _files(b) == before  # nothing written: not config.yaml, not summary.json, not a checkpoint
+    # refused at restore time, by Lightning: B's own checkpoint, its hyper-parameters edited to a wider ViT, so the
+    # model built from them does not fit its weights (the early checks read only the epoch and the hyper-parameters)
+    ckpt = load_checkpoint(b / "checkpoints" / "last.ckpt")
+    ckpt["hyper_parameters"]["backbone_kwargs"] = {**ckpt["hyper_parameters"]["backbone_kwargs"], "embed_dim": 48}
+    torch.save(ckpt, b / "checkpoints" / "misfit.ckpt")
+    before = _files(b)
+    misfit = run_cli("fit", "--config", TINY, *data_flags(colour_shards), f"--ckpt_path={b}/checkpoints/misfit.ckpt",
+                     "--trainer.max_epochs=3", f"--trainer.default_root_dir={b}", check=False)
+    assert misfit.returncode != 0 and "size mismatch" in misfit.stderr, misfit.stderr[-2000:]
+    after = _files(b)
+    assert after.pop(".run.lock") != before.pop(".run.lock")  # it did claim B (its own checkpoint) ...
+    assert after == before  # ... and wrote nothing else: config.yaml is written only once training starts
+    (b / "checkpoints" / "misfit.ckpt").unlink()
     run_cli("fit", "--config", TINY, *data_flags(colour_shards), "--ckpt_path=last", "--trainer.max_epochs=3",
             f"--trainer.default_root_dir={b}", "--test_after_fit=false")
     assert json.loads((b / "summary.json").read_text())["steps"] == 24
@@ -309,6 +322,8 @@ def test_runs_started_together_never_share_a_directory(tmp_path):
         with ctx.Pool(3) as pool:
             outcomes = pool.map(_claim_explicit, [(str(tmp_path / "one"), barrier)] * 3)
     assert sorted(outcomes) == ["claimed", "refused", "refused"]
+    with pytest.raises(RunDirInUse):  # a new run's directory is created exclusively, never entered
+        RunDirClaim(paths[0], new=True)
     killed = ctx.Process(target=lambda: (RunDirClaim(str(tmp_path / "k")), time.sleep(60)))
     killed.start()
     deadline = time.monotonic() + 30
@@ -416,26 +431,32 @@ def test_broken_train_and_test_shards_do_not_crash_a_run(tmp_path):
 
 
 # --------------------------------------------------------------------------- 6. bad-data accounting
-def test_a_tar_cut_in_its_last_member_keeps_the_sample_before_and_names_the_cut_one(tmp_path):
+@pytest.mark.parametrize("cut", [-1, -2], ids=["in the last member", "in the first member of the last sample"])
+def test_a_tar_cut_in_its_last_member_keeps_the_sample_before_and_names_the_cut_one(cut, tmp_path):
+    """Cut inside good0004.png (good0003 was complete when good0004.cls was read), or inside good0004.cls (the
+    cut member starts the next sample: good0003 is complete and must still be yielded)."""
     rng = np.random.default_rng(1)
     write_shards([_good(i, rng) for i in range(5)], tmp_path, "t", max_count=100)
     tar = tmp_path / "t-000000.tar"
     data = tar.read_bytes()
     with tarfile.open(fileobj=io.BytesIO(data)) as t:
-        last = t.getmembers()[-1]  # good0004.png
-    tar.write_bytes(data[: last.offset_data + 10])
+        member = t.getmembers()[cut]  # good0004.png, good0004.cls
+    assert member.name == ("good0004.png" if cut == -1 else "good0004.cls")
+    tar.write_bytes(data[: member.offset_data + min(10, member.size - 1)])  # the .cls holds 1 byte: cut before it
     seen, messages = _eval(_dm(test=str(tar)))
     assert seen == 4  # good0000-good0003, good0003 included
-    assert any("sample 'good0004'" in m and "member good0004.png" in m for m in messages), messages
+    assert any("sample 'good0004'" in m and f"member {member.name}" in m for m in messages), messages
 
 
 def test_a_skip_after_the_last_batch_is_counted(tmp_path):
-    """The last samples of a stream are bad: no batch follows to carry the count (it was 0)."""
+    """The last samples of a stream are bad: no batch follows to carry the count (it was 0). Two shards, the second
+    all bad: with two workers the second worker yields no batch at all, only its count."""
     rng = np.random.default_rng(2)
     samples = [_good(i, rng) for i in range(16)]
     samples += [{"__key__": f"bad{i}", "png": b"not a png", "cls": 0} for i in range(3)]
-    write_shards(samples, tmp_path, "s", max_count=100)
-    for workers in (0, 1):
+    write_shards(samples, tmp_path, "s", max_count=16)
+    assert sorted(p.name for p in tmp_path.glob("s-*.tar")) == ["s-000000.tar", "s-000001.tar"]
+    for workers in (0, 1, 2):
         dm = _dm(test=str(tmp_path / "s-*.tar"), batch_size=8, num_workers=workers)
         seen, _ = _eval(dm)
         assert (seen, dm.num_skipped["test"]) == (16, 3), workers
