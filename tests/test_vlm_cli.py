@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from experiments.recipe import stage_command
 from tests.conftest import REPO
 from tests.test_run import run_cli
 from tests.vlm_fixtures import write_shapes
@@ -76,9 +77,11 @@ def test_every_stage_of_a_shipped_recipe_builds(recipe: Path, name: str, builtin
     monkeypatch.chdir(builtin_shapes)
     monkeypatch.setattr(sys, "argv", ["experiments.run"])
     monkeypatch.setenv("MM_RUN_DIR", str(tmp_path))
-    args = [a for c in stage["configs"] for a in ("--config", str(REPO / c))] + list(stage.get("args") or [])
-    # the recipe hands each input over as a path (the earlier stage's best checkpoint), read only at fit
-    args += [f"--{key}={tmp_path / source / 'checkpoints' / 'best.ckpt'}" for key, source in (stage.get("inputs") or {}).items()]
+    for source in (stage.get("inputs") or {}).values():  # the earlier stages' checkpoints, read only at fit
+        (tmp_path / source / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (tmp_path / source / "checkpoints" / "best.ckpt").touch()
+    cmd = stage_command({**stage, "configs": [str(REPO / c) for c in stage["configs"]]}, tmp_path, [], [])
+    args = cmd[cmd.index("fit") + 1:]  # the recipe's own command line for the stage
     cli = MMLightningCLI(args=[*args, "--prepare_data=false", "--logger=none", f"--trainer.default_root_dir={tmp_path}"],
                          run=False)
     assert isinstance(cli.model, L.LightningModule) and isinstance(cli.trainer, L.Trainer)

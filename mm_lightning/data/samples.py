@@ -56,7 +56,7 @@ def decode_rgb(data: bytes) -> torch.Tensor:
 
     torchvision's decoders (deprecated since 0.29 in favour of TorchCodec) and PIL were the alternatives:
     TorchCodec gives bit-identical tensors to torchvision's and is as fast or faster on our 32 px shards
-    (time ratio TorchCodec/torchvision 0.63-0.90 over PNG, JPEG, WebP, side by side), and torchvision was
+    (time ratio TorchCodec/torchvision 0.63-1.40 over PNG, JPEG, WebP, two rounds side by side: noise), and torchvision was
     2-4x faster than PIL on them (``../shared/notes/machine.md``).
     """
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
