@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import time
 
 import lightning as L
 import pytest
@@ -75,14 +74,9 @@ def test_throughput_monitor_logs_speed_and_memory(tmp_path):
 
     from lightning.pytorch.loggers import CSVLogger
 
-    class StepClock(L.Callback):  # an independent clock at the same hook, called right before the monitor's
-        def __init__(self) -> None:
-            self.at: dict[int, float] = {}
+    from experiments.benchmark import StepClock  # an independent clock at the same hook, called right before the monitor's
 
-        def on_train_batch_end(self, trainer, *args) -> None:
-            self.at[trainer.global_step] = time.perf_counter()
-
-    monitor, clock = ThroughputMonitor(warmup_steps=1, window=2), StepClock()
+    monitor, clock = ThroughputMonitor(warmup_steps=1, window=2), StepClock(torch.device("cpu"))
     trainer = quiet_trainer(max_steps=7, limit_val_batches=0, callbacks=[clock, monitor], log_every_n_steps=2,
                             logger=CSVLogger(tmp_path, name="", version=""))
     rss_before = _vm_kb("VmRSS") / 2**20
@@ -99,7 +93,8 @@ def test_throughput_monitor_logs_speed_and_memory(tmp_path):
     # steps of ~20 ms; a clock off by 2x is far outside 10%)
     for start, row in zip([1, 2, 4], rows):
         k = int(row["step"]) + 1
-        assert float(row["perf/step_time"]) == pytest.approx((clock.at[k] - clock.at[start]) / (k - start), rel=0.1)
+        # one batch per step: clock.ends[k - 1] is the end of step k
+        assert float(row["perf/step_time"]) == pytest.approx((clock.ends[k - 1] - clock.ends[start - 1]) / (k - start), rel=0.1)
     assert "perf/mfu" not in trainer.callback_metrics  # no known peak FLOPs on a CPU
     assert monitor.flops_per_batch is None
 
