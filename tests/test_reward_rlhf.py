@@ -102,6 +102,23 @@ def test_rule_reward_is_exact_match_of_the_sample(tok) -> None:
     assert rewards.tolist() == [1.0, 1.0, 0.0]
 
 
+def test_an_unfinished_sample_loses_the_missing_eos_penalty(tok, data_dir: Path) -> None:
+    """TRL's missing_eos_penalty: r - p for a sample with no end of turn within max_new_tokens, r otherwise."""
+    from mm_lightning.data.vqa import exact_match
+
+    task = tiny(PolicyOptimizationTask, tok, reward="exact_match", num_generations=4, max_new_tokens=2,
+                missing_eos_penalty=0.5, kl_coef=0.0)
+    task.setup("fit")
+    batch = first_batch(data(tok, data_dir))
+    rollout = task.rollout(batch)
+    references = [a for a in batch["answers"] for _ in range(4)]
+    rule = torch.tensor([float(exact_match(c, r)) for c, r in zip(rollout.completions, references)])
+    assert rollout.truncated.any()  # an untrained model rarely ends within 2 tokens
+    torch.testing.assert_close(rollout.rewards, rule - 0.5 * rollout.truncated.float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="missing_eos_penalty must be >= 0"):
+        tiny(PolicyOptimizationTask, tok, reward="exact_match", missing_eos_penalty=-1.0)
+
+
 def test_the_reward_model_comes_from_a_reward_checkpoint(tok, data_dir: Path, tmp_path: Path) -> None:
     rm = tiny(RewardTask, tok, head_init_std=0.5)
     fit = trainer(tmp_path / "rm", 1, limit_val_batches=0, enable_checkpointing=True)

@@ -9,6 +9,7 @@ batches: the image, the left-padded prompt, and the chosen answer as the referen
 2. **scores** them: ``reward: model`` with a reward model of :mod:`mm_lightning.tasks.reward`
    (``reward_model: CKPT``, frozen, scored at the completion's last token), or ``reward: exact_match``,
    a rule reward (1 when the answer matches the reference answer after VQA normalisation, else 0);
+   with ``missing_eos_penalty`` p, a sample that did not end within ``max_new_tokens`` scores ``r - p``;
 3. turns rewards into **group-relative advantages** (:func:`~mm_lightning.losses.preference.group_advantages`:
    ``grpo`` standardised within each prompt's group, or ``rloo`` leave-one-out);
 4. minimises the **clipped policy-ratio loss with a KL penalty** to the frozen reference (the starting
@@ -88,6 +89,9 @@ class PolicyOptimizationTask(AlignmentTask):
         clip_eps: the ratio's lower clip ``1 - eps`` (and upper ``1 + eps``).
         clip_eps_high: the upper clip ``1 + eps_high`` when given (DAPO's clip-higher).
         kl_coef: weight of the KL penalty to the reference (TRL's ``beta``).
+        missing_eos_penalty: subtracted from the reward of a sample with no end of turn within
+            ``max_new_tokens`` (TRL's ``missing_eos_penalty``; ``None``: none). A reward model has only seen
+            finished answers, so an unfinished one is outside what it was trained to judge.
         num_iterations: optimizer steps per sampled batch (mu; TRL's ``num_iterations``).
         loss_normalization: ``sequence`` (mean over each answer's tokens, then answers: GRPO) or ``token``.
         eval_rollouts: sample and score at validation / test too (``val/reward_mean``).
@@ -111,6 +115,7 @@ class PolicyOptimizationTask(AlignmentTask):
         clip_eps: float = 0.2,
         clip_eps_high: float | None = None,
         kl_coef: float = 0.04,
+        missing_eos_penalty: float | None = None,
         num_iterations: int = 1,
         loss_normalization: Literal["sequence", "token"] = "sequence",
         eval_rollouts: bool = True,
@@ -128,6 +133,8 @@ class PolicyOptimizationTask(AlignmentTask):
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         if num_iterations < 1:
             raise ValueError(f"model.num_iterations must be >= 1, got {num_iterations}")
+        if missing_eos_penalty is not None and missing_eos_penalty < 0:
+            raise ValueError(f"model.missing_eos_penalty must be >= 0, got {missing_eos_penalty}")
         if kl_coef < 0:
             raise ValueError(f"model.kl_coef must be >= 0, got {kl_coef}")
         super().__init__(tokenizer, reference=reference, monitor=monitor or "val/reward_mean", **kwargs)
@@ -136,6 +143,7 @@ class PolicyOptimizationTask(AlignmentTask):
         self.advantage, self.scale_advantages = advantage, scale_advantages
         self.clip_eps, self.clip_eps_high, self.kl_coef = clip_eps, clip_eps_high, kl_coef
         self.num_iterations, self.loss_normalization, self.eval_rollouts = num_iterations, loss_normalization, eval_rollouts
+        self.missing_eos_penalty = missing_eos_penalty
         self._reward_task: Any = None  # the frozen reward model, kept out of the module tree like the reference
         self._buffer: Rollout | None = None
         self._buffer_uses = 0
@@ -226,6 +234,8 @@ class PolicyOptimizationTask(AlignmentTask):
         completions = [tok.decode([t for t in row if t != tok.end_of_turn_id]) for row in new.tolist()]
         references = [a for a in batch.get("answers", [""] * len(batch["prompt_input_ids"])) for _ in range(k)]
         rewards = self.score(inputs, completions, references)
+        if self.missing_eos_penalty:
+            rewards = rewards - self.missing_eos_penalty * truncated.to(rewards.dtype)
         advantages = group_advantages(rewards, k, self.advantage, self.scale_advantages)
         reference_logps = old_logps = None
         if training and self.kl_coef > 0:
