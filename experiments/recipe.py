@@ -17,7 +17,8 @@ exited 0 (the recipe then writes ``DIR/<name>/stage.json`` with its command and 
 complete stage is skipped on the next call, an interrupted one resumes from its ``last.ckpt``
 (an interrupted stage without a checkpoint is moved aside to ``DIR/<name>.failed-<time>`` and
 started over; nothing is deleted). A stage whose command changed since it completed is an
-error (remove its directory to rerun it). ``DIR/summary.json`` holds the final stage's
+error (remove its directory to rerun it). ``DIR/<recipe>.summary.json`` (``<recipe>`` the recipe file's
+name without ``.yaml``, so two recipes sharing a ``DIR`` keep both) holds the final stage's
 metrics (flat, as ``experiments.run`` writes them) and each stage's metrics under its name,
 with ``stage_wall_time_s`` (the stage's process, start-up and test included), ``stage_cpu_time_s``
 (CPU seconds of the stage's processes, data workers included: on a shared machine a measure of the
@@ -159,8 +160,13 @@ def run_stage(stage: dict[str, Any], cmd: list[str], out: Path) -> dict[str, Any
     return record
 
 
-def write_summary(out: Path, stages: list[dict[str, Any]], records: dict[str, dict[str, Any]], wall: float) -> dict[str, Any]:
-    """``DIR/summary.json``: the final stage's metrics flat, each stage's under its name."""
+def summary_path(out: Path, recipe: str) -> Path:
+    """``DIR/<recipe>.summary.json``: one per recipe, so recipes that share ``DIR`` (and stages) keep theirs."""
+    return out / f"{Path(recipe).name.removesuffix('.yaml').removesuffix('.yml')}.summary.json"
+
+
+def write_summary(path: Path, stages: list[dict[str, Any]], records: dict[str, dict[str, Any]], wall: float) -> dict[str, Any]:
+    """The recipe's summary at ``path``: the final stage's metrics flat, each stage's under its name."""
     final = stages[-1]["name"]
     summary: dict[str, Any] = dict(records[final].get("summary") or {})
     for stage in stages:
@@ -168,9 +174,9 @@ def write_summary(out: Path, stages: list[dict[str, Any]], records: dict[str, di
         summary[stage["name"]] = {**(record.get("summary") or {}), "stage_wall_time_s": record.get("stage_wall_time_s"),
                                   "stage_cpu_time_s": record.get("stage_cpu_time_s")}
     summary["recipe_wall_time_s"] = round(wall, 1)
-    tmp = out / "summary.json.tmp"
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "summary.json")
+    os.replace(tmp, path)
     return summary
 
 
@@ -224,9 +230,10 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     for stage in stages:
         cmd = stage_command(stage, out, recipe.get("args") or [], overrides[stage["name"]])
         records[stage["name"]] = run_stage(stage, cmd, out)
-    summary = write_summary(out, stages, records, time.monotonic() - start)
+    path = summary_path(out, args.recipe)
+    summary = write_summary(path, stages, records, time.monotonic() - start)
     print_report(summary, stages)
-    print(f"Summary: {out / 'summary.json'}")
+    print(f"Summary: {path}")
     return summary
 
 

@@ -116,7 +116,7 @@ def test_recipe_hands_checkpoints_on_skips_complete_stages_and_resumes(shapes, t
     common = ["--out", str(out), *[f"--override=*:{f}" for f in flags(shapes)]]
     proc = run_recipe(str(recipe), *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "recipe.summary.json").read_text())  # named after recipe.yaml
     assert summary["test/vqa_questions"] == 30  # the final stage's metrics, flat
     assert summary["lm"]["steps"] == 64 // 16 and "test/loss" in summary["lm"] and "test/vqa_questions" not in summary["lm"]
     assert summary["instruct"]["steps"] == 64 // 8 and summary["instruct"]["stage_wall_time_s"] > 0
