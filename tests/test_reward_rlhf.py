@@ -48,6 +48,42 @@ def test_rewards_ignore_right_padding_and_start_at_ln2(tok, data_dir: Path, tmp_
     assert metrics["val/loss"] == pytest.approx(math.log(2.0), abs=1e-6) and metrics["val/reward_accuracy"] == 0.0
 
 
+def test_the_logprob_term_adds_the_completion_logprob(tok, data_dir: Path) -> None:
+    """``logprob_weight`` w: r = head + w * (summed log-prob of the labelled completion tokens)."""
+    task = tiny(RewardTask, tok, logprob_weight=0.5).eval()  # zero head: r is the log-prob term alone
+    inputs = concatenated(first_batch(data(tok, data_dir)))
+    with torch.no_grad():
+        rewards = task.rewards(inputs["image"], inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        logps = task.model.sequence_logprobs(inputs["image"], inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+    assert bool((logps < -1.0).all())  # an untrained LM: a real, non-zero term
+    torch.testing.assert_close(rewards, 0.5 * logps, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the completion's labels"):
+        task.rewards(inputs["image"], inputs["input_ids"], inputs["attention_mask"])
+
+
+def test_the_sft_term_adds_the_chosen_mean_token_nll(tok, data_dir: Path) -> None:
+    """``sft_weight`` s: loss = Bradley-Terry + s * (summed NLL of the chosen completions / their token count)."""
+    import warnings
+
+    batch = first_batch(data(tok, data_dir))
+    inputs = concatenated(batch)
+    n = batch["chosen_input_ids"].shape[0]
+    task = tiny(RewardTask, tok, head_init_std=0.5, sft_weight=0.5).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = task.reward_step(batch, "val")
+        rewards = task.rewards(inputs["image"], inputs["input_ids"], inputs["attention_mask"])
+        logps = task.model.sequence_logprobs(inputs["image"], inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+    tokens = (batch["chosen_labels"][:, 1:] != -100).sum()
+    bt = -torch.nn.functional.logsigmoid(rewards[:n] - rewards[n:]).mean()
+    torch.testing.assert_close(loss, bt + 0.5 * (-logps[:n].sum() / tokens), rtol=0, atol=1e-5)
+    assert float(-logps[:n].sum() / tokens) > 1.0  # an untrained LM: the term is not negligible
+    with pytest.raises(ValueError, match="sft_weight must be >= 0"):
+        tiny(RewardTask, tok, sft_weight=-1.0)
+    with pytest.raises(ValueError, match="logprob_weight must be > 0"):
+        tiny(RewardTask, tok, logprob_weight=0.0)
+
+
 @pytest.mark.slow
 def test_a_short_reward_model_run_orders_held_out_pairs(tok, data_dir: Path, tmp_path: Path) -> None:
     """As the DPO test: 128 held-out pairs whose order needs the image; chance 1/2, 4 sigma = 0.18."""

@@ -7,7 +7,8 @@ batches: the image, the left-padded prompt, and the chosen answer as the referen
    ``max_new_tokens``) in eval mode under ``torch.no_grad`` (KV-cached generation; the ``<image>``
    token is never sampled);
 2. **scores** them: ``reward: model`` with a reward model of :mod:`mm_lightning.tasks.reward`
-   (``reward_model: CKPT``, frozen, scored at the completion's last token), or ``reward: exact_match``,
+   (``reward_model: CKPT``, frozen, scored at the completion's last token, plus the completion's
+   log-probability under its LM when it has ``logprob_weight``), or ``reward: exact_match``,
    a rule reward (1 when the answer matches the reference answer after VQA normalisation, else 0);
    with ``missing_eos_penalty`` p, a sample that did not end within ``max_new_tokens`` scores ``r - p``;
 3. turns rewards into **group-relative advantages** (:func:`~mm_lightning.losses.preference.group_advantages`:
@@ -193,7 +194,8 @@ class PolicyOptimizationTask(AlignmentTask):
             values = [float(exact_match(c, r)) for c, r in zip(completions, references)]
             return torch.tensor(values, device=rollout_inputs["input_ids"].device)
         task = self.reward_task
-        return task.rewards(rollout_inputs["image"], rollout_inputs["input_ids"], rollout_inputs["attention_mask"]).float()
+        return task.rewards(rollout_inputs["image"], rollout_inputs["input_ids"], rollout_inputs["attention_mask"],
+                            rollout_inputs["labels"]).float()
 
     # ------------------------------------------------------------------------- sampling
     def token_logprobs(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
