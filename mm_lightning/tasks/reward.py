@@ -7,7 +7,8 @@ last attended token by ``attention_mask`` (the end of turn closing the completio
 never pooled). With ``logprob_weight`` w the reward adds ``w * sum_t log p(y_t | x, y_<t)``, the
 completion's log-probability under the reward model's own LM (trained with it): the LM's next-token
 computation at every answer position joins the comparison, which a small LM's last token alone cannot
-make (shapes, 2-layer LM: val/reward_accuracy 0.75 with the head alone, 0.95 with w = 1; README).
+make (shapes, 2-layer LM: val/reward_accuracy 0.750 with the head alone, 0.949 with w = 1, 0.962 adding
+``sft_weight`` 1; README).
 Batches come from :class:`~mm_lightning.data.preferences.PreferencePipeline`: the
 chosen and rejected rows run in ONE forward; the loss is the Bradley-Terry loss
 :func:`~mm_lightning.losses.preference.bradley_terry_loss` (optional ``margin`` and
