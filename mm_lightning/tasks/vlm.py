@@ -138,6 +138,8 @@ class VisionLanguageTask(Task):
         lm_init: a checkpoint of this task (e.g. the ``lm`` stage) whose LM weights initialise the LM.
         init: a checkpoint of this task (an earlier stage) whose weights initialise everything they fit.
         image_size: input side of the tower (default: what the tower was built for).
+        random_init: build the tower and the LM from their configs at random initialisation, reading no weights
+            (speed checks and parameter counts of real-size architectures; a hub id needs only its config.json).
         train_vision: train the vision tower (default: frozen, as LLaVA and BLIP-2).
         train_connector: train the connector (default: all stages but ``lm``).
         train_lm: train the LM (default: ``lm`` and ``instruct``); with LoRA only the adapters train.
@@ -172,6 +174,7 @@ class VisionLanguageTask(Task):
         lm_init: str | None = None,
         init: str | None = None,
         image_size: int | None = None,
+        random_init: bool = False,
         train_vision: bool = False,
         train_connector: bool | None = None,
         train_lm: bool | None = None,
