@@ -10,7 +10,12 @@ A recipe is a YAML list of stages, each an ``experiments.run fit`` run of its ow
         configs: [...]
         inputs:                                    # flag -> earlier stage: its best checkpoint
           model.init_args.lm_init: lm
+      - name: lm_hf                                # an export stage: DIR/lm_hf is written by
+        export: {from: lm, to: causal-lm}          #   python -m experiments.export --ckpt <lm's best> --to causal-lm
     args: [--logger=csv]                           # flags for every stage (optional)
+
+An input that names an export stage is that stage's directory (e.g. ``model.init_args.lm: lm_hf``: a
+later stage loads the exported model as it would load one from the hub).
 
 Stages run in order, each in a fresh process, in ``DIR/<name>``. A stage is complete when it
 exited 0 (the recipe then writes ``DIR/<name>/stage.json`` with its command and summary); a
@@ -45,6 +50,7 @@ import yaml
 
 STAGE_FILE = "stage.json"
 STAGE_KEYS = {"name", "configs", "args", "inputs"}
+EXPORT_KEYS = {"name", "export"}
 
 
 class RecipeError(Exception):
@@ -63,16 +69,23 @@ def load_recipe(path: str) -> dict[str, Any]:
     if unknown:
         raise RecipeError(f"recipe {path}: unknown key(s) {', '.join(sorted(unknown))} (known: stages, args)")
     seen: list[str] = []
+    exports: set[str] = set()
     for i, stage in enumerate(recipe["stages"]):
         where = f"recipe {path}, stage {i + 1}"
         if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not stage["name"]:
             raise RecipeError(f"{where}: needs a 'name'")
         where = f"recipe {path}, stage {stage['name']!r}"
-        bad = set(stage) - STAGE_KEYS
+        known = EXPORT_KEYS if "export" in stage else STAGE_KEYS
+        bad = set(stage) - known
         if bad:
-            raise RecipeError(f"{where}: unknown key(s) {', '.join(sorted(bad))} (known: {', '.join(sorted(STAGE_KEYS))})")
+            raise RecipeError(f"{where}: unknown key(s) {', '.join(sorted(bad))} (known: {', '.join(sorted(known))})")
         if stage["name"] in seen or "/" in stage["name"]:
             raise RecipeError(f"{where}: stage names must be unique and contain no '/'")
+        if "export" in stage:
+            _check_export(stage, where, seen, exports)
+            exports.add(stage["name"])
+            seen.append(stage["name"])
+            continue
         configs = stage.get("configs")
         if not isinstance(configs, list) or not configs:
             raise RecipeError(f"{where}: needs a non-empty 'configs' list")
@@ -88,6 +101,18 @@ def load_recipe(path: str) -> dict[str, Any]:
     return recipe
 
 
+def _check_export(stage: dict[str, Any], where: str, seen: list[str], exports: set[str]) -> None:
+    from experiments.export import FORMATS
+
+    spec = stage["export"]
+    if not isinstance(spec, dict) or set(spec) != {"from", "to"}:
+        raise RecipeError(f"{where}: export needs exactly 'from' (an earlier stage) and 'to' (a format)")
+    if spec["from"] not in seen or spec["from"] in exports:
+        raise RecipeError(f"{where}: export from {spec['from']!r}, which is not an earlier training stage")
+    if spec["to"] not in FORMATS:
+        raise RecipeError(f"{where}: export to {spec['to']!r}: unknown format; known: {', '.join(FORMATS)}")
+
+
 def best_checkpoint(run_dir: Path) -> Path:
     """``best.ckpt`` of a finished stage (``last.ckpt`` when it had nothing to monitor)."""
     for name in ("best.ckpt", "last.ckpt"):
@@ -97,15 +122,22 @@ def best_checkpoint(run_dir: Path) -> Path:
     raise RecipeError(f"stage {run_dir.name} finished without a checkpoint in {run_dir / 'checkpoints'}")
 
 
-def stage_command(stage: dict[str, Any], out: Path, common: list[str], overrides: list[str]) -> list[str]:
-    """The ``experiments.run fit`` command line of ``stage`` (without the resume flag)."""
+def stage_command(stage: dict[str, Any], out: Path, common: list[str], overrides: list[str],
+                  exports: frozenset[str] = frozenset()) -> list[str]:
+    """The ``experiments.run fit`` command line of ``stage`` (without the resume flag), or an export stage's
+    ``experiments.export`` command line."""
+    if "export" in stage:
+        spec = stage["export"]
+        return [sys.executable, "-m", "experiments.export", f"--ckpt={best_checkpoint(out / spec['from'])}",
+                f"--to={spec['to']}", f"--out={out / stage['name']}"]
     cmd = [sys.executable, "-m", "experiments.run", "fit"]
     for config in stage["configs"]:
         cmd += ["--config", config]
     cmd += [f"--trainer.default_root_dir={out / stage['name']}", f"--run_name={stage['name']}"]
     cmd += [str(a) for a in common] + [str(a) for a in stage.get("args") or []]
     for flag, source in (stage.get("inputs") or {}).items():
-        cmd.append(f"--{flag.lstrip('-')}={best_checkpoint(out / source)}")
+        path = out / source if source in exports else best_checkpoint(out / source)
+        cmd.append(f"--{flag.lstrip('-')}={path}")
     return cmd + overrides
 
 
@@ -227,8 +259,9 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     records: dict[str, dict[str, Any]] = {}
+    exports = frozenset(s["name"] for s in stages if "export" in s)
     for stage in stages:
-        cmd = stage_command(stage, out, recipe.get("args") or [], overrides[stage["name"]])
+        cmd = stage_command(stage, out, recipe.get("args") or [], overrides[stage["name"]], exports)
         records[stage["name"]] = run_stage(stage, cmd, out)
     path = summary_path(out, args.recipe)
     summary = write_summary(path, stages, records, time.monotonic() - start)
