@@ -1,9 +1,12 @@
 """Preference and policy-optimisation losses: the DPO family, Bradley-Terry, and the group-relative
-policy-gradient loss (GRPO / RLOO). Pure functions on tensors; TRL's conventions and names.
+policy-gradient loss (GRPO / RLOO). Pure functions on tensors; TRL's names, and TRL's formulas except
+where a docstring says otherwise (:func:`dpo_loss` names, per variant, the paper and the TRL 1.16
+behaviour it follows).
 
 Notation: ``logp`` is a sequence's summed log-probability over its completion tokens (the prompt and
-padding excluded: :func:`completion_logprobs`), ``_c`` / ``_r`` the chosen / rejected completion,
-``ref`` the frozen reference model, ``beta`` the DPO temperature (a KL-penalty strength).
+padding excluded: :func:`completion_logprobs`), ``n`` the number of those tokens
+(:func:`completion_lengths`), ``_c`` / ``_r`` the chosen / rejected completion, ``ref`` the frozen
+reference model, ``beta`` the DPO temperature (a KL-penalty strength).
 Everything is computed in float32 or wider (inputs in lower precision are upcast), so a bf16
 forward does not round the losses.
 """
@@ -16,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
+DPOLossType = Literal["sigmoid", "ipo", "ipo_sum", "hinge", "robust"]
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "ipo_sum", "hinge", "robust")
 AdvantageKind = Literal["grpo", "rloo"]
 
 
@@ -40,6 +44,12 @@ def completion_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return logp.masked_fill(~mask, 0.0), mask
 
 
+def completion_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """Number of completion tokens ``(B,)`` of each row of UNSHIFTED ``labels`` ``(B, L)``: ``labels[:, 1:] != -100``,
+    the very tokens whose log-probabilities :func:`completion_logprobs` sums (TRL's ``completion_mask.sum(1)``)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
 def token_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean entropy ``-sum_v p_v log p_v`` of the next-token distributions that predict labelled tokens (a scalar)."""
     mask = labels[:, 1:] != IGNORE_INDEX
@@ -57,30 +67,56 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: DPOLossType = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example DPO losses ``(B,)`` and the implicit rewards of the chosen and rejected completions.
 
-    With the log-ratio margin ``h = (logp_c - ref_c) - (logp_r - ref_r)`` and label smoothing ``e``:
+    With the summed log-ratio margin ``h = (logp_c - ref_c) - (logp_r - ref_r)``, label smoothing ``e``
+    and the completion lengths ``n_c``, ``n_r`` (``chosen_lengths`` / ``rejected_lengths``, needed by
+    ``ipo`` alone; :func:`completion_lengths`). "TRL" below is the loss code of TRL 1.16's
+    ``DPOTrainer._compute_loss`` (``label_smoothing`` there is ``DPOConfig.label_smoothing``).
 
-    - ``sigmoid`` (DPO, Rafailov et al. 2023; conservative DPO with ``e > 0``):
-      ``-(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)``
-    - ``robust`` (rDPO, Chowdhury et al. 2024; unbiased under label flips of rate ``e < 1/2``):
-      ``(-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)) / (1 - 2 e)``
-    - ``hinge`` (RSO / SLiC, Liu et al. 2023): ``max(0, 1 - beta h)``
-    - ``ipo`` (Azar et al. 2023, eq. 17; ``beta`` is its ``tau``): ``(h - 1 / (2 beta))^2``
+    - ``sigmoid``, ``e = 0``: DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7),
+      ``-log sigmoid(beta h)``. TRL's ``loss_type="sigmoid"``, identical.
+    - ``sigmoid``, ``e > 0``: conservative DPO, cDPO (Mitchell 2023, "A note on DPO with noisy
+      preferences & relationship to IPO"): the DPO loss against labels flipped with probability ``e``,
+      ``-(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)``. TRL applied this to ``sigmoid`` with
+      ``label_smoothing > 0`` up to 0.28 (read in 0.24, 0.27, 0.28); in 0.29.1 and 1.x (1.16 included)
+      TRL's ``sigmoid`` ignores ``label_smoothing`` and gives the plain DPO loss, so here, with ``e > 0``,
+      the loss differs from TRL 1.16 on purpose: smoothing that was asked for is applied, not dropped.
+    - ``robust``: robust DPO, rDPO (Chowdhury et al. 2024, "Provably Robust DPO"), an unbiased estimate
+      of the clean DPO loss under label flips of rate ``e < 1/2``:
+      ``(-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)) / (1 - 2 e)``. TRL's
+      ``loss_type="robust"`` with its ``label_smoothing``, identical.
+    - ``hinge``: the hinge loss on the reference-normalised likelihood ratio (SLiC, Zhao et al. 2023,
+      "SLiC-HF"; in this normalised form RSO, Liu et al. 2023, "Statistical Rejection Sampling Improves
+      Preference Optimization"), ``max(0, 1 - beta h)``. TRL's ``loss_type="hinge"``, identical.
+    - ``ipo``: IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+      Preferences", eq. 17, ``beta`` its ``tau``) on log-ratios averaged over each completion's tokens:
+      ``h_mean = (logp_c - ref_c) / n_c - (logp_r - ref_r) / n_r``, loss ``(h_mean - 1 / (2 beta))^2``
+      (lengths clamped to >= 1). TRL's ``loss_type="ipo"``, identical: TRL normalises by length because
+      the summed form makes the squared loss, and the meaning of ``beta``, scale with completion length,
+      and states that the IPO authors confirmed the normalised form is the one their reported results use.
+    - ``ipo_sum``: the same eq. 17 on the summed margin, ``(h - 1 / (2 beta))^2``, read literally from
+      the paper's sequence-level log-probabilities. No TRL counterpart (every TRL read, 0.24 to 1.16,
+      averages IPO's log-probabilities over the completion); kept only as an explicit option.
 
-    Rewards (detached, TRL's ``rewards/chosen`` and ``rewards/rejected``): ``beta (logp_c - ref_c)``
-    and ``beta (logp_r - ref_r)``. When the policy equals the reference, ``h = 0``: the ``sigmoid``
-    loss is ``ln 2`` and both rewards are 0.
+    Rewards (detached, TRL's ``rewards/chosen`` and ``rewards/rejected``, summed for every loss type, IPO
+    included, as in TRL): ``beta (logp_c - ref_c)`` and ``beta (logp_r - ref_r)``. When the policy equals
+    the reference, ``h = 0``: the ``sigmoid`` loss is ``ln 2`` and both rewards are 0.
     """
-    if loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
-        raise ValueError(f"loss_type must be one of sigmoid, ipo, hinge, robust; got {loss_type!r}")
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}; got {loss_type!r}")
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and loss_type in ("hinge", "ipo"):
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
         raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not {loss_type}")
+    if loss_type == "ipo" and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError("loss_type ipo averages the log-ratios over the completion tokens: pass chosen_lengths "
+                         "and rejected_lengths (completion_lengths(labels)), or use loss_type ipo_sum")
     pc, pr, rc, rr = (_wide(x) for x in (policy_chosen_logps, policy_rejected_logps,
                                          reference_chosen_logps, reference_rejected_logps))
     chosen_ratio, rejected_ratio = pc - rc, pr - rr
@@ -92,8 +128,12 @@ def dpo_loss(
         losses = (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
-    else:
+    elif loss_type == "ipo_sum":
         losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        n_c = chosen_lengths.to(chosen_ratio.dtype).clamp(min=1)
+        n_r = rejected_lengths.to(rejected_ratio.dtype).clamp(min=1)
+        losses = (chosen_ratio / n_c - rejected_ratio / n_r - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 

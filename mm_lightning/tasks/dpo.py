@@ -7,9 +7,9 @@ completion tokens only (:meth:`~mm_lightning.models.vlm.VisionLanguageModel.sequ
 reference does the same without gradient, or its log-probabilities come from a table computed once
 before training (``precompute_reference``: one pass over the training and validation shards; the
 reference then leaves the accelerator, and steps skip its forward). The loss is
-:func:`~mm_lightning.losses.preference.dpo_loss` (``loss_type`` sigmoid, ipo, hinge or robust, with
-``label_smoothing``), plus ``sft_weight`` times the chosen completions' token-mean NLL (RPO, TRL's
-``rpo_alpha``).
+:func:`~mm_lightning.losses.preference.dpo_loss` (``loss_type`` sigmoid, ipo, ipo_sum, hinge or robust,
+with ``label_smoothing``; ipo gets each completion's token count to average its log-ratio over, as
+TRL), plus ``sft_weight`` times the chosen completions' token-mean NLL (RPO, TRL's ``rpo_alpha``).
 
 Logged with TRL's meanings, at ``train/`` (every step) and ``val/`` / ``test/`` (epoch means):
 ``loss``, ``rewards_chosen`` / ``rewards_rejected`` (mean ``beta * (logp - logp_ref)``),
@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mm_lightning.data.preferences import concatenated
 from mm_lightning.data.tokenizer import Tokenizer
-from mm_lightning.losses.preference import DPOLossType, dpo_loss
+from mm_lightning.losses.preference import DPOLossType, completion_lengths, dpo_loss
 from mm_lightning.tasks.alignment import AlignmentTask, ReferenceKind
 
 
@@ -41,8 +41,11 @@ class DPOTask(AlignmentTask):
     Args:
         tokenizer: the conversation tokenizer object (configured once as ``tokenizer:``); not saved.
         beta: the DPO temperature (the strength of the implicit KL penalty to the reference).
-        loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge`` or ``robust``.
-        label_smoothing: the assumed rate of flipped labels (conservative DPO with sigmoid; robust DPO).
+        loss_type: ``sigmoid`` (DPO), ``ipo`` (log-ratios averaged over completion tokens, as TRL), ``ipo_sum``
+            (IPO on summed log-ratios; no TRL counterpart), ``hinge`` or ``robust``; papers and TRL behaviour
+            in :func:`~mm_lightning.losses.preference.dpo_loss`.
+        label_smoothing: the assumed rate of flipped labels (conservative DPO, cDPO, with sigmoid, which TRL 1.16
+            no longer applies; robust DPO as TRL).
         sft_weight: weight of the chosen completions' NLL added to the loss (0: plain DPO).
         reference: ``copy`` (a frozen second model), ``adapters`` (the LoRA policy with adapters off) or ``auto``.
         precompute_reference: compute the reference log-probabilities of the training and validation pairs
@@ -65,7 +68,8 @@ class DPOTask(AlignmentTask):
         monitor: str | None = None,
         **kwargs: Any,
     ) -> None:
-        dpo_loss(*torch.zeros(4, 1), beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)  # checks the options
+        dpo_loss(*torch.zeros(4, 1), beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                 chosen_lengths=torch.ones(1), rejected_lengths=torch.ones(1))  # checks the options
         if sft_weight < 0:
             raise ValueError(f"model.sft_weight must be >= 0, got {sft_weight}")
         super().__init__(tokenizer, reference=reference, monitor=monitor or "val/rewards_accuracy", **kwargs)
@@ -140,7 +144,9 @@ class DPOTask(AlignmentTask):
         chosen, rejected = logps[:n], logps[n:]
         ref_chosen, ref_rejected = self.reference_pair_logprobs(batch, split)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
+            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing,
+            chosen_lengths=completion_lengths(batch["chosen_labels"]),
+            rejected_lengths=completion_lengths(batch["rejected_labels"]),
         )
         loss = losses.mean()
         if self.sft_weight:
