@@ -32,7 +32,7 @@ import torch
 
 from experiments.common import load_task_and_data
 from mm_lightning.data.preferences import concatenated
-from mm_lightning.losses.preference import dpo_loss
+from mm_lightning.losses.preference import completion_lengths, dpo_loss
 
 
 DEFAULTS = {"dpo_steps": 20, "dpo_warmup": 2, "dpo_batches": 4}
@@ -102,7 +102,8 @@ def dpo_efficiency(configs: list[str], args: Any) -> dict[str, Any]:
         _sync(device)
         t2 = time.perf_counter()
         losses, _, _ = dpo_loss(logps[:n].float(), logps[n:].float(), ref_c, ref_r, task.beta, task.loss_type,
-                                task.label_smoothing)
+                                task.label_smoothing, chosen_lengths=completion_lengths(batch["chosen_labels"]),
+                                rejected_lengths=completion_lengths(batch["rejected_labels"]))
         losses.mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
