@@ -90,7 +90,7 @@ def make_batches(task: Any, data: Any, count: int, device: torch.device) -> list
             ids = torch.randint(3, tok.vocab_size, (n, tok.context_length), generator=g) * mask
             batch = {"image": image, "input_ids": ids, "attention_mask": mask}
         else:
-            classes = getattr(task, "num_classes", 10)
+            classes = getattr(task, "num_classes", None) or 10  # a metric learner may leave it unset
             batch = {"image": image, "label": torch.randint(0, classes, (n,), generator=g)}
         batches.append({k: v.to(device) for k, v in batch.items()})
     return batches

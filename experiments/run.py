@@ -239,6 +239,11 @@ class MMLightningCLI(LightningCLI):
         parser.link_arguments(
             "model", "data.pipeline.init_args.num_image_tokens", compute_fn=_num_image_tokens, apply_on="instantiate"
         )
+        # A task that classifies into a fixed number of classes (model.init_args.num_classes) hands that count to
+        # the data module: a label outside it is then bad data, skipped and counted (or named, with data.strict)
+        # before it reaches the loss, also in shards without manifest.json. Callbacks that take labels (Probe,
+        # ZeroShotClassification) declare theirs at setup (WebDataModule.declare_label_classes).
+        parser.link_arguments("model", "data.task_num_classes", compute_fn=_num_classes, apply_on="instantiate")
 
     # ------------------------------------------------------------------ setup
     def _cfg(self) -> Any:
@@ -467,6 +472,11 @@ class MMLightningCLI(LightningCLI):
 
 def _num_image_tokens(model: Any) -> int | None:
     return getattr(model, "num_image_tokens", None)
+
+
+def _num_classes(model: Any) -> int | None:
+    count = getattr(model, "num_classes", None)
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def _is_rank_zero() -> bool:

@@ -480,6 +480,123 @@ def test_a_label_outside_the_classes_is_skipped_naming_shard_key_and_classes(tmp
         list(strict.test_dataloader())
 
 
+# Shards as another tool writes them (no manifest.json): 4 colours, one `.cls` of 9 in each split (sample 5).
+LABEL_TASKS = {
+    "classification": ("tiny_vit", [], "model.init_args.num_classes"),
+    "metric learning": ("metric", ["--model.init_args.num_classes=4"], "model.init_args.num_classes"),
+    "zero-shot class names": ("clip", [], "the ZeroShotClassification callback's 4 class_names"),
+}
+
+
+def _label9_shards(directory: Path, bad: int = 5) -> list[str]:
+    """train 33 samples (32 good: 4 batches of 8 in one pass), val and test 16; sample ``bad`` of each has label 9."""
+    rng = np.random.default_rng(4)
+    names = ["red", "green", "blue", "yellow"]
+    for split, n in (("train", 33), ("val", 16), ("test", 16)):
+        samples = []
+        for i in range(n):
+            label = 9 if i == bad else i % 4
+            samples.append({"__key__": f"{split}{i:04d}", "png": png_bytes(colour_image(i % 4, rng)), "cls": label,
+                            "txt": f"a photo of a {names[i % 4]} square"})
+        write_shards(samples, directory, split, max_count=100)
+    assert not (directory / "manifest.json").exists()
+    return [f"--data.{split}={directory}/{split}-*.tar" for split in ("train", "val", "test")]
+
+
+def _label_task_config(task: str, tmp_path: Path) -> str:
+    import yaml
+
+    if task == "tiny_vit":
+        return TINY
+    if task == "clip":
+        from mm_lightning.data.tokenizer import train_bpe_tokenizer
+        from tests.test_clip import CONFIG
+
+        tokenizer = tmp_path / "tokenizer.json"
+        captions = [f"a photo of a {c} square" for c in ("red", "green", "blue", "yellow")]
+        train_bpe_tokenizer(captions * 4, vocab_size=300).save(str(tokenizer))
+        text = CONFIG.replace("TOKENIZER", str(tokenizer))
+    else:
+        config = yaml.safe_load(Path(TINY).read_text())
+        config["model"] = {"class_path": "mm_lightning.tasks.metric.MetricLearner",
+                           "init_args": {"backbone": "vit_tiny_patch16_224", "embed_dim": 16, "lr": 3e-3,
+                                         "backbone_kwargs": config["model"]["init_args"]["backbone_kwargs"]}}
+        config["trainer"]["callbacks"] = [{"class_path": "mm_lightning.callbacks.probe.Probe",
+                                           "init_args": {"probe_l2": [1e-3], "random_init": False}}]
+        text = yaml.safe_dump(config)
+    path = tmp_path / f"{task}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _main(args: list[str], capsys) -> tuple[int, str]:
+    """``experiments.run.main(args)`` in this process: (exit status, the last stderr line)."""
+    from experiments.run import main
+
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    return code, lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("task", list(LABEL_TASKS))
+def test_a_label_outside_the_task_classes_without_a_manifest_is_skipped_or_named(task, tmp_path, capsys):
+    """The task's class count (model.init_args.num_classes; the zero-shot callback's class names) reaches the data
+    module: label 9 of 4 classes in manifest-less shards is skipped and counted once a pass (it crashed the run with
+    `IndexError: Target 9 is out of bounds`), and with data.strict the run stops naming shard, key and count."""
+    config, flags, source = LABEL_TASKS[task]
+    args = ["fit", "--config", _label_task_config(config, tmp_path), *_label9_shards(tmp_path / "shards"), *flags,
+            "--trainer.max_epochs=1", "--data.batch_size=8", "--data.shuffle_buffer=1"]
+    code, last = _main([*args, f"--trainer.default_root_dir={tmp_path / 'run'}"], capsys)
+    assert code == 0, last
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    counts = {k: summary[k] for k in ("data/skipped", "data/skipped_total", "val/data_skipped", "test/data_skipped")}
+    assert counts == {"data/skipped": 1, "data/skipped_total": 1, "val/data_skipped": 1, "test/data_skipped": 1}
+    assert summary["steps"] == 4  # 32 good training samples, 8 a batch
+    code, last = _main([*args, f"--trainer.default_root_dir={tmp_path / 'strict'}", "--data.strict=true"], capsys)
+    assert code == 2
+    assert last == (f"error: bad data in shard {tmp_path}/shards/val-000000.tar, sample 'val0005': ValueError: label 9 "
+                    f"is outside [0, 4): 4 classes, from {source} (strict mode; set data.strict: false to skip it)")
+
+
+def test_without_a_class_count_label_9_is_a_class_of_its_own(tmp_path, capsys):
+    """Metric learning with no count anywhere (no manifest, no num_classes): nothing is skipped, and the Probe's
+    online classifier, sized 4 by the first batches, widens when label 9 comes in the second (it raised IndexError)."""
+    args = ["fit", "--config", _label_task_config("metric", tmp_path), *_label9_shards(tmp_path / "shards", bad=13),
+            "--trainer.max_epochs=1", "--data.batch_size=8", "--data.shuffle_buffer=1", "--test_after_fit=false",
+            f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    code, last = _main(args, capsys)
+    assert code == 0, last
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["data/skipped"], summary["val/data_skipped"], summary["steps"]) == (0, 0, 4)
+    assert "val/linear_probe_acc" in summary
+
+
+def test_the_number_of_classes_is_set_once(tmp_path, capsys):
+    """data.num_classes equal to the model's works; different is a one-line error naming both; so is a manifest
+    that lists more classes than the model has."""
+    args = ["fit", "--config", TINY, *_label9_shards(tmp_path / "shards"), "--trainer.max_epochs=1",
+            "--data.batch_size=8", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+            "--test_after_fit=false"]
+    assert _main([*args, "--data.num_classes=4", f"--trainer.default_root_dir={tmp_path / 'same'}"], capsys)[0] == 0
+    code, last = _main([*args, "--data.num_classes=10", f"--trainer.default_root_dir={tmp_path / 'r'}"], capsys)
+    assert (code, last) == (2, "error: data.num_classes is 10 but model.init_args.num_classes is 4: the number "
+                               "of classes is set twice and differs; set it once (or make both agree)")
+    from mm_lightning.data.shards import write_manifest
+
+    write_manifest(tmp_path / "shards", classes=[str(i) for i in range(10)])
+    code, last = _main([*args, f"--trainer.default_root_dir={tmp_path / 'm'}"], capsys)
+    assert (code, last) == (2, "error: the shards' manifest.json lists 10 classes but model.init_args.num_classes is "
+                               "4: set model.init_args.num_classes to 10")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "m" / "checkpoints").exists()
+
+
 # ------------------------------------------------------------------------------------------ 7. signals
 def _run_until_mid_epoch(args: list[str], run: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}

@@ -183,12 +183,20 @@ def _image(batch: dict[str, Any]) -> torch.Tensor | None:
     return None
 
 
+def _data_classes(dm: Any) -> int | None:
+    """The number of classes the data module holds the labels to (WebDataModule.label_classes), if it knows."""
+    count = getattr(dm, "label_classes", None) if dm is not None else None
+    return count if isinstance(count, int) else None
+
+
 class Probe(L.Callback):
     """Online linear probe and weighted kNN during fit; a fixed linear-probe/kNN protocol and the
     random-initialisation floor at test (see the module docstring for the exact procedures).
 
     Args:
-        num_classes: number of classes (default: from the data module's ``class_names``, else the labels).
+        num_classes: number of classes; declared to the data module, which skips (and counts) a sample whose label
+            lies outside (default: the data module's label range, from ``data.num_classes``, the shards' manifest or
+            the task's ``num_classes``; else the largest label of the first batch).
         linear: run the linear probe (online at val, refit at test).
         knn: run the weighted kNN classifier.
         k: neighbours of the kNN classifier.
@@ -244,10 +252,12 @@ class Probe(L.Callback):
     def _classes(self, trainer: L.Trainer, labels: torch.Tensor | None = None) -> int:
         if self.num_classes:
             return self.num_classes
+        known = _data_classes(trainer.datamodule)
+        if known:
+            return known
         names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule is not None else None
         if names:
-            self.num_classes = len(names)
-            return self.num_classes
+            return len(names)
         if labels is not None and labels.numel():
             return int(labels.max()) + 1
         raise ValueError("Probe cannot tell the number of classes: set its num_classes (or give the shards a manifest)")
@@ -267,6 +277,19 @@ class Probe(L.Callback):
             self.optimizer.load_state_dict(self._pending_state["optimizer"])
             self._pending_state = None
 
+    def _grow_head(self, num_classes: int) -> None:
+        """Widen the online probe to ``num_classes`` outputs, keeping the rows it has learned (only when no class
+        count was configured; a configured one makes the data module skip labels outside it)."""
+        old = self.head[-1]
+        new = nn.Linear(old.in_features, num_classes).to(old.weight.device)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.bias.zero_()
+            new.weight[: old.out_features] = old.weight
+            new.bias[: old.out_features] = old.bias
+        self.head[-1] = new
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.probe_lr, weight_decay=self.probe_weight_decay)
+
     def _skip_unlabelled(self) -> None:
         if not self._warned:
             warnings.warn("Probe: batches carry no 'label'; the linear probe and kNN are skipped")
@@ -275,6 +298,9 @@ class Probe(L.Callback):
     # --------------------------------------------------------------- hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._check_embed(pl_module)
+        declare = getattr(trainer.datamodule, "declare_label_classes", None)
+        if self.num_classes and callable(declare):  # the data module skips a label outside them (WebDataModule)
+            declare(self.num_classes, "the Probe callback's num_classes")
         if self.random_init and self.initial_state is None:  # before any training or checkpoint loading
             self.initial_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
 
@@ -300,6 +326,8 @@ class Probe(L.Callback):
         if self.linear:
             if self.head is None:
                 self._make_head(features.shape[1], self._classes(trainer, labels), features.device)
+            if labels.numel() and int(labels.max()) >= self.head[-1].out_features:
+                self._grow_head(int(labels.max()) + 1)  # nothing fixed the classes: a larger label is a new class
             with torch.enable_grad():
                 self.head.train()
                 loss = F.cross_entropy(self.head(features), labels)
@@ -379,6 +407,9 @@ class Probe(L.Callback):
             test=dm.specs[split], pipeline=dm.pipeline, batch_size=dm.eval_batch_size, num_workers=dm.num_workers,
             pin_memory=False,
         )
+        label_range = dm.label_range() if callable(getattr(dm, "label_range", None)) else None
+        if label_range:  # skip the samples the run's data module skips
+            reader.declare_label_classes(*label_range)
         reader.setup("test")
         feats, labels, seen = [], [], 0
         for batch in reader.test_dataloader():
@@ -397,7 +428,7 @@ class Probe(L.Callback):
         or ``test/<prefix>probe_acc`` and ``test/<prefix>knn_acc`` with a prefix."""
         train_x, train_y = self.split_features(pl_module, dm, "train", self.max_train_samples)
         test_x, test_y = self.split_features(pl_module, dm, "test")
-        num_classes = self.num_classes or int(max(train_y.max(), test_y.max())) + 1
+        num_classes = self.num_classes or _data_classes(dm) or int(max(train_y.max(), test_y.max())) + 1
         out: dict[str, float] = {}
         if self.linear:
             if dm.specs.get("val") is not None:

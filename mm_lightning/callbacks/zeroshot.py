@@ -3,7 +3,9 @@
 For every class, each template (``"a photo of a {}"``) is filled with the class name, the texts
 are encoded and L2-normalised, averaged over the templates and normalised again (CLIP's prompt
 ensembling). An image's prediction is the class whose prompt embedding is closest to its own.
-The class names come from the data module (the shards' ``manifest.json``); the labels from the
+The class names come from the data module (the shards' ``manifest.json``) or the callback's
+``class_names``, which it declares to the data module: a sample whose label has no class name is
+bad data there (skipped and counted, or named with ``data.strict``). The labels come from the
 batches' ``label`` (samples without one, label -1, are left out).
 """
 
@@ -63,7 +65,8 @@ class ZeroShotClassification(L.Callback):
 
     Args:
         templates: prompt templates, ``{}`` standing for the class name.
-        class_names: class names in label order; by default the data module's ``class_names``.
+        class_names: class names in label order; by default the data module's ``class_names``. Given here, their
+            number is the labels' range: the data module skips (and counts) a sample whose label lies outside.
     """
 
     def __init__(self, templates: list[str] | None = None, class_names: list[str] | None = None) -> None:
@@ -132,6 +135,11 @@ class ZeroShotClassification(L.Callback):
         pl_module.log(f"{split}/zeroshot_top1", top1, prog_bar=True)
         pl_module.log(f"{split}/zeroshot_top5", top5)
         self.classifier, self.accuracy = None, {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        declare = getattr(getattr(trainer, "datamodule", None), "declare_label_classes", None)
+        if self.class_names and callable(declare):  # WebDataModule: labels without a name are skipped and counted
+            declare(len(self.class_names), f"the ZeroShotClassification callback's {len(self.class_names)} class_names")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

@@ -9,10 +9,11 @@ exactly the same number of full batches (a worker whose shards run out starts th
 over), so every rank takes the same number of steps and DDP never waits on a rank
 that has run dry. Evaluation reads each sample exactly once.
 
-Bad samples (undecodable image, missing member, a label outside the manifest's classes,
-a duplicate member) and broken shards (empty, truncated, not a tar: the complete samples
-before the break are kept, the rest counts as one skip naming the sample or member where
-it broke) are skipped, counted and warned about once per shard, naming shard and key.
+Bad samples (undecodable image, missing member, a duplicate member, a label outside the
+classes: ``data.num_classes``, ``manifest.json``'s, or those the task and its callbacks declare
+with :meth:`WebDataModule.declare_label_classes`) and broken shards (empty, truncated, not a
+tar: the complete samples before the break are kept, the rest counts as one skip naming the
+sample or member where it broke) are skipped, counted and warned about once per shard, naming shard and key.
 Counts travel with the batches (key ``skipped``; a worker holds back its last batch until
 its stream ends, so a skip after the last full batch is counted too) and are summed here,
 where :class:`~mm_lightning.callbacks.data_monitor.DataMonitor` logs them per epoch and in
@@ -93,6 +94,7 @@ class ShardDataset(IterableDataset):
         num_workers: int,
         length: int,
         num_classes: int | None = None,
+        classes_from: str = "manifest.json, or data.num_classes",
     ) -> None:
         self.shards = shards
         self.pipeline = pipeline
@@ -106,7 +108,8 @@ class ShardDataset(IterableDataset):
         self.strict = strict
         self.num_workers = num_workers
         self.length = length
-        self.num_classes = num_classes  # labels must lie in [0, num_classes) (the manifest's classes)
+        self.num_classes = num_classes  # labels must lie in [0, num_classes)
+        self.classes_from = classes_from  # who set num_classes, for the skip message
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already trained on (a resumed run skips them)
 
@@ -218,8 +221,8 @@ class ShardDataset(IterableDataset):
             label = decoded.get("label") if isinstance(decoded, dict) else None
             if self.num_classes and isinstance(label, int) and not 0 <= label < self.num_classes:
                 if not (label == -1 and not isinstance(self.pipeline, ClassificationPipeline)):  # -1: "no label"
-                    raise ValueError(f"label {label} is outside [0, {self.num_classes}): the data set has "
-                                     f"{self.num_classes} classes (manifest.json, or data.num_classes)")
+                    raise ValueError(f"label {label} is outside [0, {self.num_classes}): "
+                                     f"{self.num_classes} classes, from {self.classes_from}")
             return decoded
         except BadSampleError:
             raise
@@ -306,7 +309,11 @@ class WebDataModule(L.LightningDataModule):
         samples_per_epoch: global training samples per epoch; by default the size of the training set.
         strict: raise on a bad sample or shard instead of skipping and counting it.
         num_classes: labels (``.cls``) must lie in ``[0, num_classes)``; a sample outside is bad (skipped and
-            counted, or an error in strict mode). By default the number of classes in ``manifest.json``.
+            counted, or an error in strict mode). By default the number of classes in ``manifest.json``, else
+            the task's (``task_num_classes``); a task's count that differs from this one is an error.
+        task_num_classes: the class count of the task (``model.init_args.num_classes``), handed over by
+            ``experiments.run`` (a link from the model, not a setting): the labels must lie in its range too, so
+            shards without a manifest cannot feed the model a label it has no class for.
         pin_memory: pin batches in host memory (default: only when CUDA is available).
     """
 
@@ -326,6 +333,7 @@ class WebDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         strict: bool = False,
         num_classes: int | None = None,
+        task_num_classes: int | None = None,
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
@@ -348,6 +356,13 @@ class WebDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.strict = strict
         self.num_classes = num_classes
+        # (count, who) of the parts that take labels and fix their range: data.num_classes first, then the task
+        # and callbacks (declare_label_classes); they must agree
+        self._class_counts: list[tuple[int, str]] = []
+        if num_classes is not None:
+            self.declare_label_classes(num_classes, "data.num_classes")
+        if task_num_classes is not None:
+            self.declare_label_classes(task_num_classes, "model.init_args.num_classes")
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.shards: dict[str, list[str]] = {}
         self.num_skipped = {split: 0 for split in SPLITS}
@@ -402,11 +417,40 @@ class WebDataModule(L.LightningDataModule):
             raise BadSampleError(f"shard {empty[0]} holds no readable sample (strict mode; set data.strict: false to skip it)")
         return [n if n is not None else counted[s] for s, n in sizes.items()]
 
-    def _label_classes(self) -> int | None:
+    def declare_label_classes(self, count: int, source: str) -> None:
+        """A part of the run that takes labels (the task, a probe, zero-shot class names) fixes their range
+        ``[0, count)``; ``source`` names its setting (``model.init_args.num_classes``). A sample whose label lies
+        outside is bad data: skipped and counted, or an error naming shard, key and ``source`` with ``strict``.
+        Two parts that declare different counts are a configuration error naming both."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"{source} must be a class count >= 1, got {count!r}")
+        for other, who in self._class_counts:
+            if other != count:
+                raise ValueError(f"{who} is {other} but {source} is {count}: the number of classes is set twice "
+                                 "and differs; set it once (or make both agree)")
+        if (count, source) not in self._class_counts:
+            self._class_counts.append((count, source))
+
+    def label_range(self) -> tuple[int, str] | None:
+        """``(number of classes, where it comes from)``: labels must lie in ``[0, number)``; ``None`` if nothing
+        fixes it. ``data.num_classes`` wins over ``manifest.json``; a task's or callback's count (see
+        :meth:`declare_label_classes`) smaller than the manifest's is an error, a larger one leaves the manifest's."""
         if self.num_classes is not None:
-            return self.num_classes
+            return self.num_classes, "data.num_classes"
         names = self.class_names
-        return len(names) if names else None
+        if not self._class_counts:
+            return (len(names), "manifest.json") if names else None
+        count, source = self._class_counts[0]
+        if names and len(names) > count:
+            raise ValueError(f"the shards' manifest.json lists {len(names)} classes but {source} is {count}: "
+                             f"set {source} to {len(names)}")
+        return (len(names), "manifest.json") if names else (count, source)
+
+    @property
+    def label_classes(self) -> int | None:
+        """The number of classes the labels must lie below (see :meth:`label_range`), or ``None``."""
+        found = self.label_range()
+        return found[0] if found else None
 
     def _count_skipped(self, count: int) -> None:
         self.num_skipped[self._current_split()] += count
@@ -427,6 +471,7 @@ class WebDataModule(L.LightningDataModule):
                 self.shard_list(split)
         if stage == "fit" and self.specs["train"] is None:
             raise ShardSpecError("fit needs training shards: set data.train")
+        self.label_range()  # a manifest with more classes than the task: a clear error before any step
         rank, world = self._rank_world()
         if stage == "fit" and not self.resampled:
             n, needed_shards = len(self.shards["train"]), world * max(1, self.num_workers)
@@ -466,6 +511,7 @@ class WebDataModule(L.LightningDataModule):
             per_worker = None
             sizes = dict(zip(mine, self._sizes(mine)))
             length = sum(math.ceil(sum(sizes[s] for s in mine[w::workers]) / batch_size) for w in range(workers))
+        label_range = self.label_range()
         dataset = ShardDataset(
             shards=mine,
             pipeline=self.pipeline,
@@ -479,7 +525,8 @@ class WebDataModule(L.LightningDataModule):
             strict=self.strict,
             num_workers=workers,
             length=length,
-            num_classes=self._label_classes(),
+            num_classes=label_range[0] if label_range else None,
+            classes_from=label_range[1] if label_range else "",
         )
         epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0)
         loader_kwargs = {"num_workers": workers if self.num_workers else 0, "pin_memory": self.pin_memory}

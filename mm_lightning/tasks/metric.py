@@ -55,6 +55,9 @@ class MetricLearner(Task):
         margin: the loss's margin (triplet: gap between distances, e.g. 0.2 squared on the unit
             sphere; contrastive: distance beyond which negatives cost nothing, e.g. 1.0).
         squared: triplet distances squared (FaceNet) or plain Euclidean.
+        num_classes: how many classes the labels name, if known (the loss itself takes any integer labels):
+            ``experiments.run`` hands it to the data module, which skips and counts a sample whose label lies
+            outside ``[0, num_classes)``, and the Probe's classifiers take it as their class count.
         **kwargs: optimizer settings of :class:`~mm_lightning.tasks.base.Task` (``lr``, ``weight_decay``, ...).
     """
 
@@ -74,6 +77,7 @@ class MetricLearner(Task):
         mining: Literal["batch_all", "batch_hard", "semi_hard"] = "batch_hard",
         margin: float = 0.2,
         squared: bool = True,
+        num_classes: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -84,6 +88,8 @@ class MetricLearner(Task):
             raise ValueError(f"model.mining must be batch_all, batch_hard or semi_hard, got {mining!r}")
         if margin <= 0:
             raise ValueError(f"model.margin must be > 0, got {margin}")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")
         self.model = MetricEmbedder(backbone, backbone_kwargs, pretrained, embed_dim, head_layers, head_hidden_dim,
                                     normalize)
         self.normalize = normalize
@@ -91,6 +97,7 @@ class MetricLearner(Task):
         self.mining = mining
         self.margin = margin
         self.squared = squared
+        self.num_classes = num_classes
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def optimized_module(self) -> torch.nn.Module:
