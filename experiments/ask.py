@@ -3,8 +3,9 @@
     python -m experiments.ask --ckpt RUN/checkpoints/best.ckpt --image some.png "How many shapes are there?"
 
 The model is rebuilt from the checkpoint alone (weights-only load, hyper-parameters inside it);
-the tokenizer and the image preprocessing (size, mean, std) come from the run's ``config.yaml``
-next to the checkpoint's folder (``RUN/config.yaml``), or from ``--config`` / ``--tokenizer``.
+the tokenizer comes from the run's ``config.yaml`` next to the checkpoint's folder (``RUN/config.yaml``), or
+from ``--config`` / ``--tokenizer``; the image preprocessing (size, mean, std) from the model's vision tower,
+unless that config spelled it out.
 The question becomes one user turn with the image in front, then the assistant marker, exactly as
 the conversation pipeline builds an evaluation prompt; the answer is greedy, up to the end of turn.
 """
@@ -54,7 +55,7 @@ def ask(ckpt: str, image: str, question: str, tokenizer: str | None = None, conf
     from mm_lightning.checkpoint import load_checkpoint
     from mm_lightning.data.chat_tokenizer import ChatTokenizer
     from mm_lightning.data.conversations import encode_segments
-    from mm_lightning.data.samples import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, image_transforms
+    from mm_lightning.data.samples import decode_rgb, image_transforms
     from mm_lightning.tasks.vlm import VisionLanguageTask
 
     for path, flag in ((ckpt, "--ckpt"), (image, "--image")):
@@ -70,11 +71,10 @@ def ask(ckpt: str, image: str, question: str, tokenizer: str | None = None, conf
     except (ValueError, TypeError, KeyError, RuntimeError) as err:
         raise AskError(f"--ckpt {ckpt}: {err}") from None
     pipeline = ((cfg.get("data") or {}).get("pipeline") or {}).get("init_args") or {}
-    from mm_lightning.models.vlm import tower_image_size
-
-    size = int(pipeline.get("image_size") or tower_image_size(task.model.vision))
-    transform = image_transforms(size, False, mean=pipeline.get("mean") or IMAGENET_MEAN,
-                                 std=pipeline.get("std") or IMAGENET_STD)
+    tower = task.preprocessing  # the vision tower's own; the run's config wins where it spelled mean/std out
+    size = int(pipeline.get("image_size") or tower["image_size"])
+    transform = image_transforms(size, False, mean=pipeline.get("mean") or tower["mean"],
+                                 std=pipeline.get("std") or tower["std"])
     try:
         with open(image, "rb") as f:
             pixels = transform(decode_rgb(f.read()))[None]

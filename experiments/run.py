@@ -239,6 +239,12 @@ class MMLightningCLI(LightningCLI):
         parser.link_arguments(
             "model", "data.pipeline.init_args.num_image_tokens", compute_fn=_num_image_tokens, apply_on="instantiate"
         )
+        # Its vision tower fixes the image size and normalisation: the task's `preprocessing` goes to a pipeline that
+        # declares `tower_preprocessing` (explicit mean/std in the config still win; another image_size is an error).
+        parser.link_arguments(
+            "model", "data.pipeline.init_args.tower_preprocessing", compute_fn=_tower_preprocessing,
+            apply_on="instantiate",
+        )
         # A task that classifies into a fixed number of classes (model.init_args.num_classes) hands that count to
         # the data module: a label outside it is then bad data, skipped and counted (or named, with data.strict)
         # before it reaches the loss, also in shards without manifest.json. Callbacks that take labels (Probe,
@@ -472,6 +478,10 @@ class MMLightningCLI(LightningCLI):
 
 def _num_image_tokens(model: Any) -> int | None:
     return getattr(model, "num_image_tokens", None)
+
+
+def _tower_preprocessing(model: Any) -> dict[str, Any] | None:
+    return getattr(model, "preprocessing", None)
 
 
 def _num_classes(model: Any) -> int | None:

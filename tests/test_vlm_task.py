@@ -162,7 +162,7 @@ def test_later_stages_start_from_earlier_checkpoints(tok, tmp_path) -> None:
         wrapped = peft_lm.get_parameter(re.sub(r"([qkvo]_proj)\.", r"\1.base_layer.", name))
         assert torch.equal(wrapped, p), name
     for name, p in clip.model.image_encoder.state_dict().items():
-        assert torch.equal(task.model.vision.state_dict()[name], p), name
+        assert torch.equal(task.model.vision.model.state_dict()[name], p), name  # the timm model the tower wraps
     assert not torch.equal(task.model.connector.fc1.weight, lm_stage.model.connector.fc1.weight)  # lm_init: LM only
     task_ckpt = tmp_path / "instruct.ckpt"
     torch.save({"state_dict": task.state_dict()}, task_ckpt)

@@ -32,14 +32,13 @@ import torch
 
 from mm_lightning.data.chat_tokenizer import IMAGE_TOKEN, ChatTokenizer
 from mm_lightning.data.samples import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     MissingMemberError,
     SamplePipeline,
     decode_rgb,
     image_member,
     image_transforms,
     member_names,
+    tower_image_settings,
 )
 
 IGNORE_INDEX = -100
@@ -251,9 +250,9 @@ def text_member(sample: dict[str, Any], key: str) -> str | None:
 class _ChatPipeline(SamplePipeline):
     """Shared by the image pipelines: decode the image, encode the turns, check them, collate."""
 
-    def __init__(self, tokenizer: ChatTokenizer, num_image_tokens: int, max_length: int, image_size: int,
-                 crop_scale: tuple[float, float], hflip: bool, mean: tuple[float, float, float],
-                 std: tuple[float, float, float]) -> None:
+    def __init__(self, tokenizer: ChatTokenizer, num_image_tokens: int, max_length: int, image_size: int | None,
+                 crop_scale: tuple[float, float], hflip: bool, mean: tuple[float, float, float] | None,
+                 std: tuple[float, float, float] | None, tower_preprocessing: dict[str, Any] | None = None) -> None:
         if not isinstance(tokenizer, ChatTokenizer):
             raise TypeError(f"tokenizer must be a ChatTokenizer, got {type(tokenizer).__name__}")
         if num_image_tokens < 1:
@@ -265,7 +264,8 @@ class _ChatPipeline(SamplePipeline):
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
-        self.image_size = image_size
+        image_size, mean, std = tower_image_settings(image_size, mean, std, tower_preprocessing)
+        self.image_size, self.mean, self.std = image_size, mean, std
         self.train_tf = image_transforms(image_size, True, crop_scale, hflip, mean, std)
         self.eval_tf = image_transforms(image_size, False, crop_scale, hflip, mean, std)
 
@@ -324,13 +324,15 @@ class ConversationPipeline(_ChatPipeline):
         num_image_tokens: copies of ``<image>``'s id that stand for the image (the connector's number of
             visual tokens; 1 for the fusion connector, which needs only the position).
         max_length: the longest sequence, image tokens included; a longer one is a bad sample (it would cut an answer).
-        image_size: side of the square image the vision tower sees.
+        image_size: side of the square image the vision tower sees (default: the tower's; another value is an error).
         crop_scale: area range of the training ``RandomResizedCrop``; ``[1.0, 1.0]`` (the default) keeps the
             whole image (answers may say where things are).
         hflip: random horizontal flips while training (off: answers may say "left").
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation standard deviation.
+        mean: per-channel normalisation mean (default: the tower's; ImageNet's for a pipeline built without one).
+        std: per-channel normalisation standard deviation (default: the tower's, else ImageNet's).
         conversations_field: the ``.json`` field holding the turns.
+        tower_preprocessing: not to be set: ``experiments.run`` hands over the task's vision tower preprocessing
+            (``{"image_size", "mean", "std"}``) here, as it does ``num_image_tokens``.
     """
 
     def __init__(
@@ -338,14 +340,16 @@ class ConversationPipeline(_ChatPipeline):
         tokenizer: ChatTokenizer,
         num_image_tokens: int = 1,
         max_length: int = 512,
-        image_size: int = 224,
+        image_size: int | None = None,
         crop_scale: tuple[float, float] = (1.0, 1.0),
         hflip: bool = False,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
         conversations_field: str = "conversations",
+        tower_preprocessing: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(tokenizer, num_image_tokens, max_length, image_size, crop_scale, hflip, mean, std)
+        super().__init__(tokenizer, num_image_tokens, max_length, image_size, crop_scale, hflip, mean, std,
+                         tower_preprocessing)
         self.conversations_field = conversations_field
 
     def turns(self, sample: dict[str, Any]) -> list[Turn]:
@@ -365,13 +369,14 @@ class CaptionPipeline(_ChatPipeline):
         tokenizer: the shared :class:`~mm_lightning.data.chat_tokenizer.ChatTokenizer`.
         num_image_tokens: copies of ``<image>``'s id that stand for the image.
         max_length: the longest sequence, image tokens included.
-        image_size: side of the square image.
+        image_size: side of the square image (default: the vision tower's; another value is an error).
         prompt: text after ``<image>`` in the user turn (empty: the image alone asks for its caption).
         caption_key: the member holding the caption (else the ``.json``'s ``caption``).
         crop_scale: area range of the training ``RandomResizedCrop``.
         hflip: random horizontal flips while training.
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation standard deviation.
+        mean: per-channel normalisation mean (default: the tower's; ImageNet's for a pipeline built without one).
+        std: per-channel normalisation standard deviation (default: the tower's, else ImageNet's).
+        tower_preprocessing: not to be set: the task's vision tower preprocessing, handed over by ``experiments.run``.
     """
 
     def __init__(
@@ -379,15 +384,17 @@ class CaptionPipeline(_ChatPipeline):
         tokenizer: ChatTokenizer,
         num_image_tokens: int = 1,
         max_length: int = 512,
-        image_size: int = 224,
+        image_size: int | None = None,
         prompt: str = "",
         caption_key: str = "txt",
         crop_scale: tuple[float, float] = (1.0, 1.0),
         hflip: bool = False,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        tower_preprocessing: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(tokenizer, num_image_tokens, max_length, image_size, crop_scale, hflip, mean, std)
+        super().__init__(tokenizer, num_image_tokens, max_length, image_size, crop_scale, hflip, mean, std,
+                         tower_preprocessing)
         self.prompt = prompt.replace(IMAGE_TOKEN, "").strip()
         self.caption_key = caption_key
 

@@ -25,7 +25,6 @@ from typing import Any
 
 from mm_lightning.data.chat_tokenizer import ChatTokenizer
 from mm_lightning.data.conversations import ConversationError, ConversationPipeline, metadata
-from mm_lightning.data.samples import IMAGENET_MEAN, IMAGENET_STD
 from mm_lightning.data.synthetic import QUESTION_TYPES, confused_answer
 
 
@@ -61,16 +60,17 @@ class NoisyConversationPipeline(ConversationPipeline):
         tokenizer: the shared :class:`~mm_lightning.data.chat_tokenizer.ChatTokenizer`.
         num_image_tokens: copies of ``<image>``'s id that stand for the image.
         max_length: the longest sequence, image tokens included.
-        image_size: side of the square image.
+        image_size: side of the square image (default: the vision tower's; another value is an error).
         noise_types: the question types whose answers may be replaced (shape, colour, count, size, position).
         noise_rate: probability that such an answer is replaced by its confusion (above 0.5 to flip the greedy answer).
         noise_seed: seed of the choice of replaced answers.
         noise_eval: also replace validation/test answers (off: evaluation measures the true answers).
         crop_scale: area range of the training ``RandomResizedCrop``.
         hflip: random horizontal flips while training.
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation standard deviation.
+        mean: per-channel normalisation mean (default: the tower's; ImageNet's for a pipeline built without one).
+        std: per-channel normalisation standard deviation (default: the tower's, else ImageNet's).
         conversations_field: the ``.json`` field holding the turns.
+        tower_preprocessing: not to be set: the task's vision tower preprocessing, handed over by ``experiments.run``.
     """
 
     def __init__(
@@ -78,19 +78,20 @@ class NoisyConversationPipeline(ConversationPipeline):
         tokenizer: ChatTokenizer,
         num_image_tokens: int = 1,
         max_length: int = 512,
-        image_size: int = 224,
+        image_size: int | None = None,
         noise_types: list[str] | None = None,
         noise_rate: float = 0.8,
         noise_seed: int = 0,
         noise_eval: bool = False,
         crop_scale: tuple[float, float] = (1.0, 1.0),
         hflip: bool = False,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
         conversations_field: str = "conversations",
+        tower_preprocessing: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(tokenizer, num_image_tokens, max_length, image_size, crop_scale, hflip, mean, std,
-                         conversations_field)
+                         conversations_field, tower_preprocessing)
         types = list(noise_types if noise_types is not None else ["colour", "size"])
         unknown = sorted(set(types) - set(QUESTION_TYPES))
         if unknown:

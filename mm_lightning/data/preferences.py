@@ -44,7 +44,7 @@ from mm_lightning.data.conversations import (
     pad_ids,
     parse_conversation,
 )
-from mm_lightning.data.samples import IMAGENET_MEAN, IMAGENET_STD, MissingMemberError, decode_rgb, image_member
+from mm_lightning.data.samples import MissingMemberError, decode_rgb, image_member
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 
@@ -106,13 +106,14 @@ class PreferencePipeline(_ChatPipeline):
         num_image_tokens: copies of ``<image>``'s id that stand for the image (the connector's).
         max_length: the longest sequence (prompt + the longer completion, image tokens included); a
             longer pair is a bad sample.
-        image_size: side of the square image.
+        image_size: side of the square image (default: the vision tower's; another value is an error).
         field: the ``.json`` field holding the pair (``None``: the ``.json`` itself, as ``data.prepare
             preferences`` writes it; the shapes world's are ``preference`` and ``confusion_preference``).
         crop_scale: area range of the training ``RandomResizedCrop`` (``[1, 1]``: the whole image).
         hflip: random horizontal flips while training (off: answers may say "left").
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation standard deviation.
+        mean: per-channel normalisation mean (default: the tower's; ImageNet's for a pipeline built without one).
+        std: per-channel normalisation standard deviation (default: the tower's, else ImageNet's).
+        tower_preprocessing: not to be set: the task's vision tower preprocessing, handed over by ``experiments.run``.
     """
 
     def __init__(
@@ -120,14 +121,16 @@ class PreferencePipeline(_ChatPipeline):
         tokenizer: ChatTokenizer,
         num_image_tokens: int = 1,
         max_length: int = 512,
-        image_size: int = 224,
+        image_size: int | None = None,
         field: str | None = None,
         crop_scale: tuple[float, float] = (1.0, 1.0),
         hflip: bool = False,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        tower_preprocessing: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(tokenizer, num_image_tokens, max_length, image_size, crop_scale, hflip, mean, std)
+        super().__init__(tokenizer, num_image_tokens, max_length, image_size, crop_scale, hflip, mean, std,
+                         tower_preprocessing)
         self.field = field
 
     def encode_pair(self, pair: dict[str, Any]) -> dict[str, Any]:

@@ -119,6 +119,30 @@ def _resized_crop(image_size: int, crop_scale: Sequence[float]) -> Any:
     return v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)
 
 
+def tower_image_settings(
+    image_size: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    tower: dict[str, Any] | None,
+    what: str = "data.pipeline.init_args",
+) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """``(image_size, mean, std)`` of a pipeline that feeds a vision tower whose preprocessing is ``tower``
+    (``{"image_size", "mean", "std"}``, handed over by ``experiments.run`` from the task).
+
+    Unset values come from the tower; an explicit ``mean`` / ``std`` wins (a deliberate choice); an explicit
+    ``image_size`` must equal the tower's (the tower's token grid, and so the connector, depend on it), else a
+    one-line ``ValueError`` names both. Without a tower (a pipeline built by hand) the defaults are those of the
+    image pipelines: 224 px, ImageNet's mean and std.
+    """
+    if tower is None:
+        return int(image_size or 224), tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
+    own = int(tower["image_size"])
+    if image_size is not None and int(image_size) != own:
+        raise ValueError(f"{what}.image_size {image_size} differs from the vision tower's input size {own}: drop "
+                         f"image_size (the tower's is used) or set model.init_args.image_size {image_size}")
+    return own, tuple(tower["mean"] if mean is None else mean), tuple(tower["std"] if std is None else std)
+
+
 class SamplePipeline:
     """Base class: decode one sample, collate a list of decoded samples into a batch dict."""
 

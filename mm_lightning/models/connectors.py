@@ -162,10 +162,18 @@ class MLPProjector(Connector):
         if pool not in ("avg", "pixel_shuffle"):
             raise ValueError(f"connector pool must be 'avg' or 'pixel_shuffle', got {pool!r}")
         side = math.isqrt(num_visual_tokens)
-        if downsample > 1 and (side * side != num_visual_tokens or side % downsample):
+        if downsample > 1 and side * side != num_visual_tokens:
+            hint = ""
+            if math.isqrt(num_visual_tokens - 1) ** 2 == num_visual_tokens - 1:
+                hint = " (a class token kept? model.vision_select: default drops it)"
             raise ValueError(
-                f"connector downsample={downsample} needs a square grid of visual tokens whose side it divides;"
-                f" the vision tower gives {num_visual_tokens} tokens"
+                f"model.connector_kwargs.downsample={downsample} needs a square grid of visual tokens; the vision "
+                f"tower gives {num_visual_tokens} tokens{hint}"
+            )
+        if downsample > 1 and side % downsample:
+            raise ValueError(
+                f"model.connector_kwargs.downsample={downsample} does not divide the vision tower's {side}x{side} patch "
+                f"grid ({num_visual_tokens} tokens): choose a downsample that divides {side}, or another image size"
             )
         self.num_visual_tokens = num_visual_tokens
         self.downsample = downsample

@@ -1,7 +1,8 @@
-"""VisionLanguageModel: a timm vision tower + a connector + a Hugging Face causal LM.
+"""VisionLanguageModel: a vision tower + a connector + a Hugging Face causal LM.
 
-Data path (one for every connector): the tower's token features (``forward_features``, its
-prefix tokens such as a class token dropped only when it has them) -> the connector -> the LM.
+Data path (one for every connector): the tower's token features (:mod:`mm_lightning.models.towers`: timm's
+``forward_features`` or a transformers model's ``hidden_states[vision_feature_layer]``, class / register
+tokens dropped only when the tower has them) -> the connector -> the LM.
 Token connectors (``mlp``, ``qformer``, ``resampler``) replace the embeddings of the
 ``<image>`` tokens of ``input_ids`` with their output, row by row in order (``masked_scatter``);
 each row must hold exactly ``num_image_tokens`` of them, or a :class:`ImageTokenMismatchError`
@@ -21,7 +22,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from mm_lightning.models import towers
 from mm_lightning.models.connectors import Connector, ConnectorKind, GatedCrossAttentionFusion, build_connector
+from mm_lightning.models.towers import VisionTower, tower_tokens
 
 
 class ImageTokenMismatchError(ValueError):
@@ -30,37 +33,26 @@ class ImageTokenMismatchError(ValueError):
 
 # ---------------------------------------------------------------------------------------- vision
 def vision_tokens(vision: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """Token features ``(B, N, D)`` of a timm backbone.
+    """Token features ``(B, N, D)`` of a vision tower (:mod:`mm_lightning.models.towers`: timm, transformers).
 
-    ViT-like towers (``forward_features`` gives ``(B, L, D)``) lose their ``num_prefix_tokens``
-    leading tokens (class / register tokens) and only those: a tower built without a class token
-    keeps every patch. CNNs (``(B, C, H, W)``) give their ``H * W`` grid cells, row by row.
+    A :class:`~mm_lightning.models.towers.VisionTower` gives what its source and options select
+    (LLaVA's feature layer and class-token rule). A bare timm backbone gives ``forward_features`` without its
+    ``num_prefix_tokens`` leading tokens (class / register tokens) and only those: a tower built without a
+    class token keeps every patch. CNNs (``(B, C, H, W)``) give their ``H * W`` grid cells, row by row.
     """
-    features = vision.forward_features(image)
-    if isinstance(features, (tuple, list)):
-        features = features[0]
-    if features.ndim == 4:
-        return features.flatten(2).transpose(1, 2)
-    if features.ndim != 3:
-        raise ValueError(f"the vision tower's forward_features gave shape {tuple(features.shape)}, not (B, N, D)")
-    prefix = int(getattr(vision, "num_prefix_tokens", 0) or 0)
-    return features[:, prefix:] if prefix else features
+    return tower_tokens(vision, image)
 
 
 def tower_image_size(vision: nn.Module) -> int:
-    """The square input side a timm tower was built for (``patch_embed.img_size``, else its config)."""
-    size = getattr(getattr(vision, "patch_embed", None), "img_size", None)
-    if size is None:
-        size = (getattr(vision, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-2:]
-    size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
-    if size[0] != size[1]:
-        raise ValueError(f"the vision tower expects non-square {size} images; only square images are supported")
-    return int(size[0])
+    """The square input side of a vision tower (a bare timm one: ``patch_embed.img_size``, else its config)."""
+    return towers.tower_image_size(vision)
 
 
 @torch.no_grad()
 def vision_token_shape(vision: nn.Module, image_size: int) -> tuple[int, int]:
-    """``(num_tokens, width)`` of :func:`vision_tokens` for ``image_size`` images (one dry run)."""
+    """``(num_tokens, width)`` of :func:`vision_tokens` for ``image_size`` images."""
+    if isinstance(vision, VisionTower):
+        return vision.token_shape(image_size)
     was_training = vision.training
     vision.eval()
     try:
@@ -141,7 +133,8 @@ class VisionLanguageModel(nn.Module):
     """Vision tower + connector + causal LM (see the module docstring).
 
     Args:
-        vision: a timm backbone (its ``forward_features`` token features are used).
+        vision: a :class:`~mm_lightning.models.towers.VisionTower` (or a bare timm backbone, read as
+            :func:`vision_tokens` says).
         connector: a :class:`~mm_lightning.models.connectors.Connector` matching the tower and the LM.
         lm: a Hugging Face causal LM (or a peft model wrapping one).
         image_token_id: the id of ``<image>`` in ``input_ids``.

@@ -41,7 +41,7 @@ from mm_lightning.checkpoint import load_checkpoint, state_dict_of
 from mm_lightning.data.tokenizer import Tokenizer
 from mm_lightning.models.clip import load_backbone_weights
 from mm_lightning.models.connectors import ConnectorKind
-from mm_lightning.models.vision import create_backbone
+from mm_lightning.models.towers import SelectStrategy, TowerSource, backbone_of, build_tower
 from mm_lightning.models.vlm import VisionLanguageModel, build_lm, build_vlm, decoder_layers
 from mm_lightning.tasks.base import Task, param_groups
 
@@ -65,7 +65,11 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def plain_key(key: str) -> str:
-    """A state-dict key without peft's wrapping (``lm.base_model.model.X`` -> ``lm.X``, ``.base_layer`` dropped)."""
+    """A state-dict key without peft's wrapping (``lm.base_model.model.X`` -> ``lm.X``, ``.base_layer`` dropped)
+    and without the tower wrapper's (``vision.model.X`` -> ``vision.X``: checkpoints from before the towers were
+    wrapped still fit)."""
+    if key.startswith("vision.model."):
+        key = "vision." + key[len("vision.model."):]
     key = key.replace("lm." + _PEFT_PREFIX, "lm.", 1)
     return key.replace(".base_layer.", ".")
 
@@ -127,8 +131,22 @@ class VisionLanguageTask(Task):
     Args:
         tokenizer: the conversation tokenizer object (see the module docstring); not saved.
         stage: ``lm``, ``align`` or ``instruct``.
-        vision: timm model name of the vision tower.
-        vision_kwargs: arguments of ``timm.create_model`` (``img_size``, ``patch_size``, ``embed_dim``, ...).
+        vision: the vision tower (:mod:`mm_lightning.models.towers`): a timm model name (``vit_tiny_patch16_224``,
+            ``hf-hub:timm/...``), a transformers hub id (``google/siglip-base-patch16-224``,
+            ``openai/clip-vit-large-patch14-336``, ``facebook/dinov2-base``: SigLIP, CLIP, DINOv2 vision models or the
+            vision half of a full CLIP / SigLIP) or a local directory of either.
+        vision_kwargs: arguments of ``timm.create_model`` (``img_size``, ``patch_size``, ``embed_dim``, ...), or
+            config overrides of a transformers tower (and its ``attn_implementation``).
+        vision_pretrained: a timm name's pretrained weights (timm's ``pretrained=True``: the hub when online, the HF
+            cache and ``HF_HUB_OFFLINE`` honoured); directories and hub ids always bring their weights.
+        vision_weights: a local safetensors file of the timm tower's weights (timm's ``pretrained_cfg_overlay``).
+        vision_source: how to read ``vision``: ``auto`` (a directory by its config.json, ``hf-hub:`` timm, ``org/name``
+            by its config, else a timm name), ``timm`` or ``transformers``.
+        vision_feature_layer: LLaVA's ``vision_feature_layer``: the ``hidden_states`` entry the connector reads
+            (default -2 for CLIP as LLaVA-1.5, -1 for SigLIP and DINOv2; a timm tower: ``forward_features``
+            unless set, then that block's pre-norm output).
+        vision_select: LLaVA's ``vision_feature_select_strategy``: ``default`` drops the class token (and DINOv2's
+            register tokens) where the tower has one, ``full`` keeps every token.
         vision_init: a CLIP/SSL/classification checkpoint whose image backbone initialises the tower.
         vision_init_prefix: key prefix of that backbone in ``vision_init`` (found when unset).
         connector: ``mlp``, ``qformer``, ``resampler`` or ``xattn``.
@@ -166,6 +184,11 @@ class VisionLanguageTask(Task):
         stage: Stage = "instruct",
         vision: str = "vit_tiny_patch16_224",
         vision_kwargs: dict[str, Any] | None = None,
+        vision_pretrained: bool = False,
+        vision_weights: str | None = None,
+        vision_source: TowerSource = "auto",
+        vision_feature_layer: int | None = None,
+        vision_select: SelectStrategy = "default",
         vision_init: str | None = None,
         vision_init_prefix: str | None = None,
         connector: ConnectorKind = "mlp",
@@ -207,7 +230,10 @@ class VisionLanguageTask(Task):
         self.lm_init, self.init = lm_init, init
         self.part_lr = {"vision": vision_lr, "connector": connector_lr, "lm": lm_lr}
 
-        tower = create_backbone(vision, num_classes=0, **dict(vision_kwargs or {}))
+        tower = build_tower(
+            vision, vision_kwargs, source=vision_source, pretrained=vision_pretrained, weights=vision_weights,
+            feature_layer=vision_feature_layer, select=vision_select, image_size=image_size, random_init=random_init,
+        )
         special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                    "eos_token_id": tokenizer.end_of_turn_id}
         if qlora:
@@ -233,6 +259,11 @@ class VisionLanguageTask(Task):
     def num_image_tokens(self) -> int:
         """``<image>`` tokens per image in the text: the connector's (``experiments.run`` links it into the pipeline)."""
         return self.model.num_image_tokens
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """``{"image_size", "mean", "std"}`` the vision tower takes (``experiments.run`` links it into the pipeline)."""
+        return self.model.vision.preprocessing
 
     def model_spec(self) -> None:
         """No spec for :func:`mm_lightning.models.load_model` (which has no VisionLanguageModel builder): the MLLM is
@@ -365,7 +396,8 @@ class VisionLanguageTask(Task):
             counts = load_matching(self.model, state, "model.lm_init", self.lm_init, only="lm.")
             rank_zero_info(f"LM initialised from {self.lm_init} ({counts.get('lm', 0)} tensors)")
         if self.vision_init:
-            prefix = load_backbone_weights(self.model.vision, self.vision_init, self.vision_init_prefix)
+            prefix = load_backbone_weights(backbone_of(self.model.vision), self.vision_init, self.vision_init_prefix,
+                                           what="model.vision_init")
             rank_zero_info(f"vision tower initialised from {self.vision_init} (keys under {prefix!r})")
 
     # ----------------------------------------------------------------- training
