@@ -127,3 +127,34 @@ def test_vit_shapes_is_the_configs_former_vit():
     with pytest.raises(RuntimeError, match="No pretrained weights"):
         create_backbone("vit_shapes", pretrained=True)
     json.dumps(VIT_SHAPES)  # plain values: a config and a model spec can hold them
+
+
+def test_the_weight_ema_moves_once_per_optimizer_step_under_gradient_accumulation():
+    """timm's EMA follows optimizer steps: 16 micro-batches accumulated 4 at a time are 4 steps, so the average equals
+    four updates (at timm's decay for steps 1..4) from the start weights towards the weights after each step."""
+    from mm_lightning.tasks.classification import ImageClassifier
+
+    torch.manual_seed(0)
+    task = ImageClassifier(backbone="vit_tiny_patch16_224", backbone_kwargs=VIT, num_classes=4, ema_decay=0.5)
+    start = {k: v.clone() for k, v in task.model.state_dict().items()}
+    after_steps: list[dict[str, torch.Tensor]] = []
+
+    class Record(L.Callback):  # the weights after each optimizer step
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step > len(after_steps):
+                after_steps.append({k: v.clone() for k, v in pl_module.model.state_dict().items()})
+
+    g = torch.Generator().manual_seed(1)
+    batches = [{"image": torch.randn(4, 3, 16, 16, generator=g), "label": torch.randint(0, 4, (4,), generator=g)}
+               for _ in range(16)]
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", accumulate_grad_batches=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Record()])
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 4 and len(after_steps) == 4
+    key = "blocks.0.mlp.fc1.weight"
+    expected = start[key]
+    for step, weights in enumerate(after_steps, start=1):
+        decay = task.ema.get_decay(step)
+        expected = decay * expected + (1 - decay) * weights[key]
+    torch.testing.assert_close(task.ema.module.state_dict()[key], expected)

@@ -68,6 +68,7 @@ class ImageClassifier(Task):
             )
             self.soft_ce = SoftTargetCrossEntropy()
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
+        self._ema_step = 0  # the global step of the last EMA update
         top5 = min(5, num_classes)
         for split in ("val", "test"):
             setattr(self, f"{split}_acc", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
@@ -117,7 +118,10 @@ class ImageClassifier(Task):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
+        # once per optimizer step, as timm's train loop does: with gradient accumulation the micro-batches between
+        # two steps leave the weights unchanged, and updating after each would decay the average k times a step
+        if self.ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
             self.ema.update(self.model, step=self.global_step)
 
     def _eval_model(self) -> torch.nn.Module:
