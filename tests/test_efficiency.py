@@ -263,27 +263,10 @@ def summary_of(run) -> dict:
 
 @pytest.fixture(scope="module")
 def baseline_run(tmp_path_factory):
-    """One process, the config's batch: the reference of the DDP, pruning and quantization checks."""
+    """One process, the config's batch: the reference of the pruning and quantization checks."""
     run = tmp_path_factory.mktemp("vit") / "run"
     run_cli("fit", "--config", VIT, *SHRINK, f"--trainer.default_root_dir={run}", timeout=900)
     return run
-
-
-@pytest.mark.slow
-def test_two_process_ddp_from_the_cli_matches_one_process(baseline_run, tmp_path):
-    """vit_shapes.yaml with presets/ddp.yaml on 2 CPU processes (gloo), per-device batch halved so the global
-    batch and step count equal the 1-process run's: it completes the same steps and epochs and learns (val and test
-    accuracy above chance + 0.08, as the 1-process run). Not asserted: that the two accuracies agree. After 96 steps
-    the two runs see their samples in different orders, and on 2026-12-02 (this environment, at f63849d and after)
-    they gave val accuracy 0.362 and 0.257, deterministically, where earlier runs had agreed within 0.08."""
-    run = tmp_path / "ddp"
-    run_cli("fit", "--config", VIT, "--config", str(PRESETS / "ddp.yaml"), *SHRINK, "--trainer.devices=2",
-            f"--data.batch_size={BATCH // 2}", f"--trainer.default_root_dir={run}", timeout=900)
-    one, two = summary_of(baseline_run), summary_of(run)
-    assert two["steps"] == one["steps"] and two["epochs"] == one["epochs"]
-    chance = 1 / 6
-    for split in ("val", "test"):
-        assert min(one[f"{split}/acc"], two[f"{split}/acc"]) > chance + 0.08, (split, one[f"{split}/acc"], two[f"{split}/acc"])
 
 
 @pytest.mark.slow
