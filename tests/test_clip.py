@@ -61,8 +61,10 @@ def test_logit_scale_starts_at_1_over_0_07_is_clamped_and_takes_no_weight_decay(
         def on_train_batch_end(self, trainer, pl_module, *args):
             self.values.append(pl_module.model.logit_scale.item())
 
-    task = tiny_task(init_logit_scale=6.0, weight_decay=0.1, lr=1e-4)  # exp(6) = 403 > 100
+    task = tiny_task(init_logit_scale=6.0, weight_decay=0.1, lr=1e-4, betas=(0.9, 0.98), eps=1e-6)  # exp(6) = 403 > 100
     trainer = _fit(task, steps=3, callbacks=[Record()])
+    # open_clip's AdamW settings for ViTs reach the optimizer
+    assert {(g["betas"], g["eps"]) for g in trainer.optimizers[0].param_groups} == {((0.9, 0.98), 1e-6)}
     # clamped to ln(100) after the first optimizer step; later steps move it from there
     assert Record.values[0] == pytest.approx(math.log(100)) and max(Record.values) <= math.log(100) + 1e-7
     assert "train/logit_scale" in trainer.callback_metrics

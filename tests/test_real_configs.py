@@ -220,7 +220,7 @@ def test_clip_vit_b32_has_open_clips_parameter_count_and_recipe(cli_env: Path) -
     text = model.text_encoder
     assert (text.vocab_size, text.context_length) == (49408, 77)  # from the tokenizer, as open_clip's text_cfg
     task = cli.model
-    assert (task.lr, task.betas, task.weight_decay, task.warmup_steps) == (5e-4, (0.9, 0.98), 0.2, 2000)
+    assert (task.lr, task.betas, task.eps, task.weight_decay, task.warmup_steps) == (5e-4, (0.9, 0.98), 1e-6, 0.2, 2000)
     assert task.local_loss and task.gather_with_grad and task.loss_name == "clip"
     # the batch is contrastive: 256 per GPU and no accumulation (32768 = 128 GPUs x 256)
     assert cli.datamodule.batch_size == 256 and cli.trainer.accumulate_grad_batches == 1

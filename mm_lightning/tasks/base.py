@@ -62,6 +62,7 @@ class Task(L.LightningModule):
         weight_decay: decoupled weight decay on weight matrices (never norms, biases,
             position embeddings, class tokens or temperatures).
         betas: AdamW's betas.
+        eps: AdamW's epsilon (open_clip trains CLIP with 1e-6; torch's default 1e-8).
         warmup_epochs: linear warmup length in epochs (fractions allowed).
         warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs`` when > 0.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
@@ -87,6 +88,7 @@ class Task(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
         warmup_epochs: float = 0.0,
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
@@ -100,6 +102,9 @@ class Task(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
+        if not eps > 0:
+            raise ValueError(f"model.eps must be > 0, got {eps}")
+        self.eps = float(eps)
         self.warmup_epochs = warmup_epochs
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
@@ -247,7 +252,7 @@ class Task(L.LightningModule):
 
     def configure_optimizers(self):
         groups = self.optimizer_param_groups()
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.warmup_steps
         if warmup <= 0 and self.warmup_epochs > 0:
