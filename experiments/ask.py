@@ -44,7 +44,17 @@ def tokenizer_path(cfg: dict[str, Any], hparams_path: str | None, given: str | N
     path = (section.get("init_args") or {}).get("path") if isinstance(section, dict) else None
     if path or hparams_path:
         return str(path or hparams_path)
-    raise AskError("the checkpoint's run names no tokenizer: give --tokenizer DIR (e.g. data/shards/shapes/chat_tokenizer)")
+    raise AskError("the checkpoint's run names no tokenizer: give --tokenizer DIR or hub id (e.g. "
+                   "data/shards/shapes/chat_tokenizer)")
+
+
+def tokenizer_options(cfg: dict[str, Any], path: str) -> dict[str, Any]:
+    """The run config's tokenizer options (markers, ``chat_template_kwargs``) when ``path`` is its tokenizer."""
+    section = cfg.get("tokenizer") or {}
+    options = dict((section.get("init_args") or {}) if isinstance(section, dict) else {})
+    if str(options.pop("path", None)) != str(path):
+        return {}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def ask(ckpt: str, image: str, question: str, tokenizer: str | None = None, config: str | None = None,
@@ -65,7 +75,12 @@ def ask(ckpt: str, image: str, question: str, tokenizer: str | None = None, conf
         raise AskError("the question is empty")
     cfg = run_config(ckpt, config)
     hparams = load_checkpoint(ckpt, "--ckpt").get("hyper_parameters") or {}
-    tok = ChatTokenizer(tokenizer_path(cfg, hparams.get("tokenizer_path"), tokenizer))
+    path = tokenizer_path(cfg, hparams.get("tokenizer_path"), tokenizer)
+    tok = ChatTokenizer(path, **tokenizer_options(cfg, path))
+    try:
+        tok.end_of_turn_id  # noqa: B018 (loads it: a hub id not cached, a template without markers, ... named here)
+    except ValueError as err:
+        raise AskError(f"{'--tokenizer' if tokenizer else 'the run config tokenizer'} {path}: {err}") from None
     try:
         task = VisionLanguageTask.from_checkpoint(ckpt, tok).eval()
     except (ValueError, TypeError, KeyError, RuntimeError) as err:
@@ -80,7 +95,8 @@ def ask(ckpt: str, image: str, question: str, tokenizer: str | None = None, conf
             pixels = transform(decode_rgb(f.read()))[None]
     except RuntimeError as err:
         raise AskError(f"--image {image}: cannot decode it ({err})") from None
-    ids = encode_segments(tok, [("user", f"<image>\n{question.strip()}", False)], task.num_image_tokens).input_ids
+    # parse_conversation's layout: <image> in front of the stripped question, no newline between them
+    ids = encode_segments(tok, [("user", f"<image>{question.strip()}", False)], task.num_image_tokens).input_ids
     ids = torch.tensor([ids + tok.assistant_ids])
     return task.answer(pixels, ids, torch.ones_like(ids), max_new_tokens)[0]
 

@@ -114,14 +114,13 @@ def nf4_config(compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool =
 
 
 def load_causal_lm_nf4(path: str, compute_dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> nn.Module:
-    """Load a Hugging Face causal LM from a local ``path`` with 4-bit NF4 weights (bitsandbytes).
+    """Load a Hugging Face causal LM (hub id or local directory) with 4-bit NF4 weights (bitsandbytes).
 
     The hook for the multimodal-LLM task: the frozen language model takes ~1/4 of its bf16 memory,
-    adapters (peft LoRA) train on top. Nothing is downloaded: ``path`` must be a local directory
-    (``local_files_only``). bitsandbytes' 4-bit matmuls want a CUDA GPU for speed.
+    adapters (peft LoRA) train on top. Loaded by :func:`mm_lightning.models.lm.load_causal_lm`: downloaded
+    only when online (the HF cache when ``HF_HUB_OFFLINE`` is set), safetensors only, never remote code.
+    bitsandbytes' 4-bit matmuls want a CUDA GPU for speed.
     """
-    from transformers import AutoModelForCausalLM
+    from mm_lightning.models.lm import load_causal_lm
 
-    return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=nf4_config(compute_dtype), local_files_only=True, **kwargs
-    )
+    return load_causal_lm(path, "model.lm", quantization_config=nf4_config(compute_dtype), **kwargs)

@@ -73,6 +73,12 @@ def test_chat_template_renders_the_segment_ids(chat_dir: Path) -> None:
     assert prompt == ours.input_ids[:ours.starts[3]]
 
 
+def test_trained_tokenizer_layout_is_bos_then_turns(chat_dir: Path) -> None:
+    """Our template: the prefix is bos alone, nothing follows an end of turn, no system turn (it raises on one)."""
+    tok = ChatTokenizer(chat_dir)
+    assert (tok.prefix_ids, tok.separator_ids, tok.system_open_ids, tok.system_close_ids) == ([1], [], None, None)
+
+
 def test_pickles_cheaply_and_loads_lazily(chat_dir: Path) -> None:
     tok = ChatTokenizer(chat_dir)
     assert tok.end_of_turn_id == 2  # loaded
@@ -124,9 +130,13 @@ def test_local_hf_directory_with_chatml_template(tmp_path: Path) -> None:
     assert tok.pad_token_id == hf.convert_tokens_to_ids("<|endoftext|>")
     base = len(hf.get_vocab()) - 1
     assert tok.image_token_id == base and tok.vocab_size == base + 1  # <image> was added as one special token
+    # the template's default system prompt opens the sequence, and its newline follows every <|im_end|>
+    assert tok.prefix_ids == hf.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", add_special_tokens=False)
+    assert tok.separator_ids == hf.encode("\n", add_special_tokens=False)
     enc = encode_segments(tok, [("user", "<image>What shape is shown?", False), ("assistant", "A ring.", True)], 2)
-    assert enc.input_ids[:len(tok.user_ids) + 2] == tok.user_ids + [tok.image_token_id] * 2
-    assert tok.decode(enc.input_ids) == "user\nWhat shape is shown?assistant\nA ring."
+    n = len(tok.prefix_ids)
+    assert enc.input_ids[n:n + len(tok.user_ids) + 2] == tok.user_ids + [tok.image_token_id] * 2
+    assert tok.decode(enc.input_ids) == "system\nYou are a helpful assistant.\nuser\nWhat shape is shown?\nassistant\nA ring."
 
 
 def test_local_hf_directory_with_explicit_markers(tmp_path: Path) -> None:
@@ -136,6 +146,8 @@ def test_local_hf_directory_with_explicit_markers(tmp_path: Path) -> None:
     tok = ChatTokenizer(d, user_marker="User: ", assistant_marker="Assistant: ", end_of_turn="</s>")
     assert tok.end_of_turn_id == tok.hf.convert_tokens_to_ids("</s>") and tok.bos_token_id == tok.hf.convert_tokens_to_ids("<s>")
     assert tok.decode(tok.user_ids) == "User:"
+    # given markers: bos, then marker + text + end of turn per turn; no separator, no system turn
+    assert (tok.prefix_ids, tok.separator_ids, tok.system_open_ids) == ([tok.bos_token_id], [], None)
     with pytest.raises(ValueError, match="end of turn 'User: ' is [0-9]+ tokens, not one"):
         ChatTokenizer(d, user_marker="User: ", assistant_marker="A: ", end_of_turn="User: ").end_of_turn_id
 

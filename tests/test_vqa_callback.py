@@ -98,7 +98,7 @@ def test_predict_writes_the_models_answers_and_logs_a_wandb_table(tok, shards, t
         again.predict(task, datamodule=data, return_predictions=False)
 
 
-def test_ask_answers_one_image_as_the_model_does(tok, shards, tmp_path) -> None:
+def test_ask_answers_one_image_as_the_model_does(tok, shards, tmp_path, monkeypatch) -> None:
     from experiments.ask import AskError, ask
     from mm_lightning.data.samples import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, image_transforms
 
@@ -110,11 +110,27 @@ def test_ask_answers_one_image_as_the_model_does(tok, shards, tmp_path) -> None:
 
     png = tmp_path / "scene.png"
     png.write_bytes(synthetic.make_sample(3, seed=5)["png"])
+    prompts = []
+    answer_of = VisionLanguageTask.answer
+
+    def spy(self, image, ids, *args, **kwargs):  # the prompt ask hands the model
+        prompts.append(ids[0].tolist())
+        return answer_of(self, image, ids, *args, **kwargs)
+
+    monkeypatch.setattr(VisionLanguageTask, "answer", spy)
     answer = ask(str(ckpt), str(png), "How many shapes are there?", tokenizer=tok.path)
-    from mm_lightning.data.conversations import encode_segments
+    monkeypatch.undo()
+    from mm_lightning.data.conversations import encode_segments, parse_conversation
+
+    # ... is the evaluation prompt the conversation pipeline builds for the same question (LLaVA's from/value)
+    turns = parse_conversation([{"from": "human", "value": "<image>\nHow many shapes are there?"},
+                                {"from": "gpt", "value": "Two."}])
+    pipeline = encode_segments(tok, [(t.role, t.text, t.role == "assistant") for t in turns], task.num_image_tokens)
+    assert prompts == [pipeline.input_ids[:pipeline.starts[-1]]]
 
     image = image_transforms(32, False, mean=IMAGENET_MEAN, std=IMAGENET_STD)(decode_rgb(png.read_bytes()))[None]
-    ids = encode_segments(tok, [("user", "<image>\nHow many shapes are there?", False)], task.num_image_tokens).input_ids
+    # the pipeline's layout (parse_conversation): <image> right in front of the question, no newline between
+    ids = encode_segments(tok, [("user", "<image>How many shapes are there?", False)], task.num_image_tokens).input_ids
     ids = torch.tensor([ids + tok.assistant_ids])
     assert answer == task.eval().answer(image, ids, torch.ones_like(ids))[0]
     with pytest.raises(AskError, match="--image .*missing.png: no such file"):

@@ -1,12 +1,19 @@
 """Conversations into tensors for the multimodal LLM: LLaVA-format dialogues, captions and plain text.
 
-``input_ids`` are built by concatenating the ids of each segment (:func:`encode_segments`):
-``bos``, then per turn ``user_ids + encode(text) + [end_of_turn_id]`` or
-``assistant_ids + encode(answer) + [end_of_turn_id]``; ``<image>`` becomes exactly
-``num_image_tokens`` copies of ``image_token_id``. Nothing is re-tokenised and counted, so the
-labels cannot drift from the ids (the cause of LLaVA's "tokenization mismatch", which silently
-masks a whole sample). ``labels`` are -100 everywhere but the assistant answers and their end of
-turn, NOT shifted (a Hugging Face causal LM shifts once, inside).
+``input_ids`` are built by concatenating the ids of each segment (:func:`encode_segments`), in the
+layout of the LM's own chat template (:class:`~mm_lightning.data.chat_tokenizer.ChatTokenizer`):
+the template's prefix (``prefix_ids``: bos, a default system prompt; or a system message between
+``system_open_ids`` and ``system_close_ids``), then per turn ``user_ids + encode(text) +
+[end_of_turn_id] + separator_ids`` or ``assistant_ids + encode(answer) + [end_of_turn_id] +
+separator_ids``; ``<image>`` becomes exactly ``num_image_tokens`` copies of ``image_token_id``. The
+ids equal ``tokenizer.apply_chat_template(messages, tokenize=True)`` (ChatML's newline after
+``<|im_end|>``, Qwen2.5's and SmolLM2's default system prompts, Llama-3's bos and dated system
+header included). Nothing is re-tokenised and counted, so the labels cannot drift from the ids (the
+cause of LLaVA's "tokenization mismatch", which silently masks a whole sample). ``labels`` are -100
+everywhere but the assistant answers' text ids and their end of turn (TRL's ``assistant_only_loss``
+convention), NOT shifted (a Hugging Face causal LM shifts once, inside). The separator after an end
+of turn is NOT supervised: generation stops at the end-of-turn id and never writes it; it belongs to
+the context of the next turn, as the headers and the prefix do.
 
 Fail fast (raised from ``decode``, so :class:`~mm_lightning.data.datamodule.WebDataModule` skips and
 counts the sample, or raises naming shard and key with ``strict``): a malformed conversation; a
@@ -42,9 +49,10 @@ from mm_lightning.data.samples import (
 )
 
 IGNORE_INDEX = -100
-USER, ASSISTANT = "user", "assistant"
-#: Speaker names accepted in a conversation turn: LLaVA's (``from``: human/gpt) and OpenAI/TRL's (``role``).
-ROLE_NAMES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
+USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+#: Speaker names accepted in a conversation turn: LLaVA's (``from``: human/gpt) and OpenAI/TRL's (``role``); a
+#: system turn may open a conversation.
+ROLE_NAMES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": SYSTEM}
 UNKNOWN_TYPE = "unknown"
 CAPTION_TYPE = "caption"
 
@@ -55,7 +63,7 @@ class ConversationError(ValueError):
 
 @dataclass(frozen=True)
 class Turn:
-    """One turn of a conversation: ``role`` (user/assistant), its text, and the question type a user turn asks."""
+    """One turn of a conversation: ``role`` (user/assistant/system), its text, and the question type a user turn asks."""
 
     role: str
     text: str
@@ -67,15 +75,17 @@ def parse_conversation(turns: Any, image: bool = True) -> list[Turn]:
 
     A conversation is a non-empty list of ``{"from": "human"|"gpt", "value": str}`` (or
     ``{"role": "user"|"assistant", "content": str}``) turns, alternating user/assistant from a
-    user turn to an assistant turn; a user turn may carry its question ``type``. Texts are
-    stripped; an empty answer is an error. With ``image``, ``<image>`` occurs exactly once, in the
-    first user turn, and is moved to its front (as LLaVA does: ``"<image>" + question``); without,
-    any ``<image>`` is removed. Raises :class:`ConversationError` naming the turn.
+    user turn to an assistant turn, after an optional first ``system`` turn (its text replaces the
+    template's default system prompt); a user turn may carry its question ``type``. Texts are
+    stripped; an empty answer or system prompt is an error. With ``image``, ``<image>`` occurs exactly
+    once, in the first user turn, and is moved to its front (as LLaVA does: ``"<image>" + question``);
+    without, any ``<image>`` is removed. Raises :class:`ConversationError` naming the turn.
     """
     if not isinstance(turns, list) or not turns:
         raise ConversationError(f"conversations must be a non-empty list of turns, got {_short(turns)}")
     parsed: list[Turn] = []
     images = 0
+    first = 0  # index of the first user turn (1 after a system turn)
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise ConversationError(f"turn {i} is a {type(turn).__name__}, not an object with 'from' and 'value'")
@@ -86,12 +96,22 @@ def parse_conversation(turns: Any, image: bool = True) -> list[Turn]:
         if not isinstance(text, str):
             raise ConversationError(f"turn {i} has no text ('value' is {_short(text)})")
         role = ROLE_NAMES[speaker]
-        expected = USER if i % 2 == 0 else ASSISTANT
+        if role == SYSTEM and i == 0:
+            if IMAGE_TOKEN in text:
+                raise ConversationError(f"turn 0 (system) holds {IMAGE_TOKEN}: it belongs once in the first human turn only")
+            if not text.strip():
+                raise ConversationError("turn 0 is an empty system prompt")
+            parsed.append(Turn(SYSTEM, text.strip()))
+            first = 1
+            continue
+        if role == SYSTEM:
+            raise ConversationError(f"turn {i} is a system turn: only the first turn may be one")
+        expected = USER if (i - first) % 2 == 0 else ASSISTANT
         if role != expected:
             raise ConversationError(f"turn {i} is from the {role}, expected the {expected} (turns alternate, user first)")
         count = text.count(IMAGE_TOKEN)
         images += count
-        if image and count and (i != 0 or count > 1):
+        if image and count and (i != first or count > 1):
             raise ConversationError(f"turn {i} holds {IMAGE_TOKEN}: it belongs once in the first human turn only")
         text = text.replace(IMAGE_TOKEN, "").strip()
         if role == ASSISTANT and not text:
@@ -101,11 +121,13 @@ def parse_conversation(turns: Any, image: bool = True) -> list[Turn]:
             raise ConversationError(f"turn {i} has question type {qtype!r}, not a name")
         parsed.append(Turn(role, text, qtype))
     if parsed[-1].role != ASSISTANT:
+        if parsed[-1].role == SYSTEM:
+            raise ConversationError("the conversation is a system prompt alone, with no question and answer")
         raise ConversationError(f"the last turn ({len(parsed) - 1}) is a question with no answer")
     if image:
         if images != 1:
             raise ConversationError(f"no {IMAGE_TOKEN} in the first human turn")
-        parsed[0] = Turn(USER, IMAGE_TOKEN + parsed[0].text, parsed[0].type)
+        parsed[first] = Turn(USER, IMAGE_TOKEN + parsed[first].text, parsed[first].type)
     return parsed
 
 
@@ -123,33 +145,54 @@ class Encoded:
     """Ids and labels of a list of segments, and where each segment's text starts and ends.
 
     ``starts[i]``: index of segment ``i``'s first text id (just after its role marker);
-    ``ends[i]``: index just after its end-of-turn id.
+    ``ends[i]``: index just after its end-of-turn id (the separator, if any, follows);
+    ``prefix_length``: how many ids come before the first user/assistant header (the template's
+    prefix or the system block).
     """
 
     input_ids: list[int]
     labels: list[int]
     starts: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
+    prefix_length: int = 0
 
 
 def encode_segments(tokenizer: ChatTokenizer, segments: Sequence[Segment], num_image_tokens: int = 0,
-                    add_bos: bool = True) -> Encoded:
-    """Concatenate the ids of ``segments``: ``bos``, then ``marker + text + end_of_turn`` per segment.
+                    add_prefix: bool = True) -> Encoded:
+    """Concatenate the ids of ``segments`` in the chat template's layout (see the module docstring).
 
+    ``prefix_ids`` (or, when the first segment is a ``system`` one, ``system_open_ids + text +
+    system_close_ids``), then ``header + text + end_of_turn + separator`` per user/assistant segment.
     ``<image>`` in a text becomes ``num_image_tokens`` copies of ``image_token_id`` in place. The
-    labels of a supervised segment are its text ids and its end of turn (never its role marker);
-    everything else is -100.
+    labels of a supervised segment are its text ids and its end of turn (never its header, nor the
+    separator after the end of turn); everything else is -100.
     """
     markers = {USER: tokenizer.user_ids, ASSISTANT: tokenizer.assistant_ids}
-    end, image = tokenizer.end_of_turn_id, tokenizer.image_token_id
+    end, image, separator = tokenizer.end_of_turn_id, tokenizer.image_token_id, tokenizer.separator_ids
     ids: list[int] = []
-    if add_bos and tokenizer.bos_token_id is not None:
-        ids.append(tokenizer.bos_token_id)
-    labels = [IGNORE_INDEX] * len(ids)
-    out = Encoded(ids, labels)
+    out = Encoded(ids, [])
+    labels = out.labels
+    segments = list(segments)
+    if segments and segments[0][0] == SYSTEM:
+        role, text, supervised = segments.pop(0)
+        opening, closing = tokenizer.system_open_ids, tokenizer.system_close_ids
+        if opening is None or closing is None:
+            raise ConversationError(f"a system prompt was given but the chat tokenizer {getattr(tokenizer, 'path', '')!r} "
+                                    "has no system turn (its chat template renders none): drop the system message")
+        if supervised or IMAGE_TOKEN in text:
+            raise ConversationError(f"a system segment is never supervised and holds no {IMAGE_TOKEN}")
+        ids += opening
+        out.starts.append(len(ids))
+        ids += tokenizer.encode(text) + closing
+        out.ends.append(len(ids))
+    elif add_prefix:
+        ids += tokenizer.prefix_ids
+    labels += [IGNORE_INDEX] * len(ids)
+    out.prefix_length = len(ids)
     for role, text, supervised in segments:
         if role not in markers:
-            raise ConversationError(f"unknown segment role {role!r}; expected {USER} or {ASSISTANT}")
+            expected = f"{USER} or {ASSISTANT}" + (f" ({SYSTEM} only first)" if role == SYSTEM else "")
+            raise ConversationError(f"unknown segment role {role!r}; expected {expected}")
         ids += markers[role]
         labels += [IGNORE_INDEX] * len(markers[role])
         out.starts.append(len(ids))
@@ -166,6 +209,8 @@ def encode_segments(tokenizer: ChatTokenizer, segments: Sequence[Segment], num_i
         ids += body
         labels += body if supervised else [IGNORE_INDEX] * len(body)
         out.ends.append(len(ids))
+        ids += separator
+        labels += [IGNORE_INDEX] * len(separator)
     return out
 
 
@@ -415,7 +460,8 @@ class TextPipeline(SamplePipeline):
     Args:
         tokenizer: the shared :class:`~mm_lightning.data.chat_tokenizer.ChatTokenizer`.
         max_length: the longest sequence; a longer one is a bad sample.
-        supervise: ``"all"`` (every token but bos and padding: plain language modelling, markers
+        supervise: ``"all"`` (every token but the template's prefix (bos, a default system prompt, a system
+            message) and padding: plain language modelling, markers
             included) or ``"answers"`` (the assistant turns only, as in instruction tuning).
         caption_prompt: the user text of the caption round.
         caption_key: the member holding the caption (else the ``.json``'s ``caption``); a sample without one
@@ -454,7 +500,9 @@ class TextPipeline(SamplePipeline):
         if self.conversations_field and "json" in sample:
             meta = metadata(sample)
             if self.conversations_field in meta:
-                turns += parse_conversation(meta[self.conversations_field], image=False)
+                conversation = parse_conversation(meta[self.conversations_field], image=False)
+                system = [t for t in conversation if t.role == SYSTEM]  # a system prompt opens the whole sequence
+                turns = system + turns + [t for t in conversation if t.role != SYSTEM]
         if not turns:
             raise MissingMemberError(f"no caption (.{self.caption_key}) and no .json '{self.conversations_field}'; "
                                      f"has {member_names(sample)}")
@@ -465,8 +513,8 @@ class TextPipeline(SamplePipeline):
         encoded = encode_segments(self.tokenizer, [(t.role, t.text, t.role == ASSISTANT) for t in turns])
         check_supervision(self.tokenizer, encoded, [t.text for t in turns if t.role == ASSISTANT], self.max_length)
         labels = encoded.labels
-        if self.supervise == "all":
-            skip = 1 if self.tokenizer.bos_token_id is not None else 0
+        if self.supervise == "all":  # every token after the template's prefix (bos, a default system prompt)
+            skip = encoded.prefix_length
             labels = [IGNORE_INDEX] * skip + encoded.input_ids[skip:]
         return {"input_ids": encoded.input_ids, "labels": labels, "key": str(sample.get("__key__", "?"))}
 

@@ -10,10 +10,11 @@ apart from the question), as LLaVA lays out its conversations.
 
 Both completions are encoded exactly as the instruction pipeline encodes a conversation
 (:func:`~mm_lightning.data.conversations.encode_segments`: ids concatenated segment by segment, never
-re-tokenised and counted): ``bos``, the prompt's turns, then ``assistant_ids + encode(completion) +
-[end_of_turn_id]``. Labels are -100 everywhere but the completion's ids and its end of turn (not
-shifted), so summed log-probabilities count completion tokens only. The same checks as the
-instruction pipeline's apply (a too-long pair, a completion that does not decode back to its text).
+re-tokenised and counted): the template's prefix (or a system message), the prompt's turns, then
+``assistant_ids + encode(completion) + [end_of_turn_id] + separator_ids``. Labels are -100 everywhere
+but the completion's ids and its end of turn (not shifted), so summed log-probabilities count
+completion tokens only. The same checks as the instruction pipeline's apply (a too-long pair, a
+completion that does not decode back to its text).
 
 Batches (chosen and rejected right-padded to ONE common length, so they concatenate along the batch):
 ``image`` (B,3,H,W); ``chosen_input_ids`` / ``chosen_attention_mask`` / ``chosen_labels`` and
@@ -74,7 +75,8 @@ def prompt_turns(prompt: Any) -> list[Turn]:
         messages = [dict(m) if isinstance(m, dict) else m for m in prompt]
     else:
         raise ConversationError(f"'prompt' must be a string or a non-empty list of messages, got {type(prompt).__name__}")
-    first = messages[0]
+    first = next((m for m in messages if not (isinstance(m, dict) and m.get("role", m.get("from")) == "system")),
+                 messages[0])  # the first user message (a system message may come before it)
     if isinstance(first, dict) and not any(IMAGE_TOKEN in str(m.get("content", m.get("value", "")))
                                            for m in messages if isinstance(m, dict)):
         text_key = "content" if "content" in first else "value"

@@ -27,14 +27,16 @@ like) and, where the tokenizer fixes it, the context length (``context_length`` 
 A tokenizer class for configs is a :class:`Tokenizer`: a subclass, or any class with ``vocab_size``,
 ``pad_token_id`` and ``decode`` (checked structurally, as ``collections.abc`` does; e.g.
 :class:`~mm_lightning.data.chat_tokenizer.ChatTokenizer`). It loads its vocabulary lazily
-(DataLoader workers unpickle it; ``__getstate__`` drops the loaded state) and downloads nothing.
+(DataLoader workers unpickle it; ``__getstate__`` drops the loaded state) and downloads only what is
+named by hub id, only when online.
 
 Two kinds of source for :class:`TextTokenizer`:
 
 * a ``tokenizer.json`` file written by :func:`train_bpe_tokenizer` (Hugging Face ``tokenizers``:
   lower-casing, byte-level BPE, ``<|startoftext|> ... <|endoftext|>`` around every text, as CLIP's
   tokenizer does), e.g. the one ``python -m data.prepare shapes`` saves next to the shapes shards;
-* a local Hugging Face tokenizer directory (``AutoTokenizer.from_pretrained(dir)``, never downloaded),
+* a Hugging Face tokenizer by local directory or hub id (``AutoTokenizer.from_pretrained``; a hub id is
+  downloaded only when online and read from the HF cache when ``HF_HUB_OFFLINE`` is set; no remote code),
   for users who start from a pretrained text model.
 
 Texts become fixed-length ``input_ids`` / ``attention_mask`` (right padding, truncation that keeps
@@ -151,12 +153,20 @@ def train_tokenizer_from_shards(
 
 
 def _load_hf(path: str) -> Any:
-    """A ``transformers`` fast tokenizer from a tokenizer.json file or a local tokenizer directory."""
+    """A ``transformers`` fast tokenizer from a tokenizer.json file, a local tokenizer directory or a hub id
+    (:mod:`mm_lightning.models.hub`'s rules: the HF cache when offline, never remote code)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if os.path.isdir(path):
+    from mm_lightning.models import hub
+
+    if os.path.isdir(path) or (not os.path.exists(path) and hub.looks_like_hub_id(path)):
+        if not os.path.isdir(path):
+            try:
+                hub.check_cached(path, "tokenizer", "tokenizer_config.json")
+            except hub.PretrainedError as err:
+                raise hub.PretrainedError(str(err)) from None
         try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=hub.is_offline(), trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise ValueError(f"tokenizer directory {path!r} holds no loadable Hugging Face tokenizer: {err}") from err
     else:
@@ -226,13 +236,13 @@ class Tokenizer(ABC):
 
 
 class TextTokenizer(Tokenizer):
-    """Fixed-length tokenization of caption lists, from a ``tokenizer.json`` or a local HF tokenizer directory.
+    """Fixed-length tokenization of caption lists, from a ``tokenizer.json``, a local HF tokenizer directory or a hub id.
 
     Loaded lazily (on first use, in each DataLoader worker), so a pipeline that holds it pickles cheaply.
 
     Args:
-        path: a ``tokenizer.json`` file (see :func:`train_bpe_tokenizer`) or a directory that
-            ``transformers.AutoTokenizer.from_pretrained`` reads offline.
+        path: a ``tokenizer.json`` file (see :func:`train_bpe_tokenizer`), a directory that
+            ``transformers.AutoTokenizer.from_pretrained`` reads, or a hub id (the HF cache when offline).
         context_length: tokens per text, special tokens included (longer texts are truncated,
             shorter ones padded on the right).
     """
@@ -251,7 +261,9 @@ class TextTokenizer(Tokenizer):
     def hf(self) -> Any:
         """The underlying ``transformers`` tokenizer (loaded on first access)."""
         if self._tok is None:
-            if not os.path.exists(self.path):
+            from mm_lightning.models.hub import looks_like_hub_id
+
+            if not os.path.exists(self.path) and not looks_like_hub_id(self.path):
                 raise FileNotFoundError(f"tokenizer {self.path!r} does not exist{missing_tokenizer_hint(self.path)}")
             self._tok = _load_hf(self.path)
         return self._tok

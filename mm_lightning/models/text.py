@@ -147,10 +147,11 @@ class TextTransformer(nn.Module):
 
 
 class HFTextEncoder(nn.Module):
-    """A pretrained Hugging Face encoder (BERT, RoBERTa, ...) from a local directory, pooled and projected.
+    """A pretrained Hugging Face encoder (BERT, RoBERTa, ...) by hub id or local directory, pooled and projected.
 
     Args:
-        path: directory that ``transformers.AutoModel.from_pretrained`` reads offline (``config.json`` + weights).
+        path: a hub id or a directory that ``transformers.AutoModel.from_pretrained`` reads (``config.json`` +
+            safetensors weights; :mod:`mm_lightning.models.hub`'s rules: the HF cache when offline, no remote code).
         embed_dim: width of the output features.
         pooling: ``first`` (``[CLS]``), ``mean`` or ``eot`` (see :func:`pool_tokens`).
     """
@@ -159,13 +160,16 @@ class HFTextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
+        from mm_lightning.models import hub
+
         path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model.text_model {path!r} is not a directory (a local Hugging Face model)")
-        try:
-            self.model = AutoModel.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"model.text_model {path!r}: cannot load a Hugging Face AutoModel from it: {err}") from err
+        if not os.path.isdir(path) and not hub.looks_like_hub_id(path):
+            raise FileNotFoundError(f"model.text_model {path!r} is not a directory (a local Hugging Face model) nor a "
+                                    "hub id (org/name)")
+        try:  # hub id or directory: cached when offline, safetensors only, never remote code
+            self.model = hub.load_pretrained(AutoModel, path, "model.text_model")
+        except hub.PretrainedError as err:
+            raise hub.PretrainedError(str(err)) from None
         pool_tokens(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)
         self.pooling = pooling
         self.vocab_size = int(self.model.config.vocab_size)

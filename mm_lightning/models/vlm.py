@@ -66,25 +66,28 @@ def vision_token_shape(vision: nn.Module, image_size: int) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------- LM
 def build_lm(
-    lm: dict[str, Any] | str,
+    lm: dict[str, Any] | str | os.PathLike,
     vocab_size: int | None = None,
     special_tokens: dict[str, int | None] | None = None,
+    random_init: bool = False,
 ) -> nn.Module:
-    """A Hugging Face causal LM from a config dict or a local directory.
+    """A Hugging Face causal LM from a config dict, a hub id or a local directory.
 
     ``lm`` as a dict: ``{"model_type": "llama", "hidden_size": 128, ...}`` (``AutoConfig.for_model``),
-    randomly initialised, with ``vocab_size`` rows. As a string: a local directory
-    (``from_pretrained(local_files_only=True)``, never remote code). ``special_tokens``
-    (``pad_token_id``, ``bos_token_id``, ``eos_token_id``) are written into the config. The
-    embeddings are resized to ``vocab_size`` when the tokenizer has more tokens than the LM
-    (tokens were added, e.g. ``<image>`` and role markers).
+    randomly initialised, with ``vocab_size`` rows. As a string: a hub id
+    (``HuggingFaceTB/SmolLM2-135M-Instruct``) or a local directory, loaded by
+    :func:`mm_lightning.models.lm.load_causal_lm` (downloaded only when online, the HF cache when
+    offline, safetensors only, never remote code, weights that do not fit their config refused;
+    ``random_init``: its config alone, no weights read). ``special_tokens`` (``pad_token_id``,
+    ``bos_token_id``, ``eos_token_id``) are written into the config. The embeddings are resized to
+    ``vocab_size`` when the tokenizer has more tokens than the LM (tokens were added, e.g. ``<image>``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if isinstance(lm, str):
-        if not os.path.isdir(lm):
-            raise FileNotFoundError(f"model.lm {lm!r}: no such local model directory (nothing is downloaded)")
-        model = AutoModelForCausalLM.from_pretrained(lm, local_files_only=True, trust_remote_code=False)
+    from mm_lightning.models.lm import load_causal_lm
+
+    if isinstance(lm, (str, os.PathLike)):
+        model = load_causal_lm(lm, "model.lm", random_init=random_init)
     else:
         settings = dict(lm)
         model_type = settings.pop("model_type", None)

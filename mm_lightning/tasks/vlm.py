@@ -151,8 +151,11 @@ class VisionLanguageTask(Task):
         vision_init_prefix: key prefix of that backbone in ``vision_init`` (found when unset).
         connector: ``mlp``, ``qformer``, ``resampler`` or ``xattn``.
         connector_kwargs: the connector's options (``downsample``, ``num_queries``, ``depth``, ``every``, ...).
-        lm: the LM: a config dict (``model_type`` + config fields; a tiny Llama by default) or a local
-            Hugging Face directory (``local_files_only``; never remote code).
+        lm: the LM: a config dict (``model_type`` + config fields; a tiny Llama by default), a hub id
+            (``HuggingFaceTB/SmolLM2-135M-Instruct``: downloaded when online, the HF cache when ``HF_HUB_OFFLINE``
+            is set) or a local directory (:func:`mm_lightning.models.lm.load_causal_lm`: safetensors only, never
+            remote code). Its own tokenizer (``tokenizer.init_args.path``: the same id or directory) and chat
+            template lay out the conversations.
         lm_init: a checkpoint of this task (e.g. the ``lm`` stage) whose LM weights initialise the LM.
         init: a checkpoint of this task (an earlier stage) whose weights initialise everything they fit.
         image_size: input side of the tower (default: what the tower was built for).
@@ -168,8 +171,8 @@ class VisionLanguageTask(Task):
         lora_alpha: LoRA scaling numerator (the update is ``alpha / r * B A``).
         lora_dropout: dropout on the LoRA input.
         lora_target_modules: names of the LM's linear layers that get adapters.
-        qlora: 4-bit (NF4) base weights under the LoRA adapters (bitsandbytes; needs CUDA and ``lm`` a
-            local directory).
+        qlora: 4-bit (NF4) base weights under the LoRA adapters (bitsandbytes; needs CUDA and ``lm`` a hub
+            id or a local directory).
         monitor: metric that picks the best checkpoint (default ``val/loss``); ``val/vqa_exact_match``
             with the VQA callback.
         max_new_tokens: longest generated answer.
@@ -239,7 +242,8 @@ class VisionLanguageTask(Task):
         if qlora:
             language_model = self._quantized_lm(lm)
         else:
-            language_model = build_lm(SHAPES_LM if lm is None else lm, tokenizer.vocab_size, special)
+            language_model = build_lm(SHAPES_LM if lm is None else lm, tokenizer.vocab_size, special,
+                                      random_init=random_init)
         self.model = build_vlm(
             tower, language_model, connector, tokenizer.image_token_id, image_size, **dict(connector_kwargs or {})
         )
@@ -273,7 +277,8 @@ class VisionLanguageTask(Task):
     # ----------------------------------------------------------------- building
     @staticmethod
     def _quantized_lm(lm: dict[str, Any] | str | None) -> nn.Module:
-        """The LM with 4-bit NF4 base weights (QLoRA): CUDA and bitsandbytes only, from a local directory."""
+        """The LM with 4-bit NF4 base weights (QLoRA): CUDA and bitsandbytes only, from a hub id or a local directory
+        (:func:`mm_lightning.models.lm.load_causal_lm`'s rules)."""
         if not torch.cuda.is_available():
             raise RuntimeError(
                 "model.qlora needs a CUDA GPU (bitsandbytes 4-bit weights); this machine has none: use LoRA "
@@ -282,17 +287,19 @@ class VisionLanguageTask(Task):
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ModuleNotFoundError("model.qlora needs bitsandbytes: pip install 'mm-lightning[quant]'")
+            raise ModuleNotFoundError("model.qlora needs bitsandbytes: pip install 'mm-lightning[bitsandbytes]'")
         if not isinstance(lm, str):
-            raise ValueError("model.qlora loads the LM quantized from a local directory: set model.lm to one")
+            raise ValueError("model.qlora loads the LM's weights quantized: set model.lm to a hub id or a local directory")
         from peft import prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import BitsAndBytesConfig
+
+        from mm_lightning.models.lm import load_causal_lm
 
         config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True,
         )
-        model = AutoModelForCausalLM.from_pretrained(lm, quantization_config=config, local_files_only=True)
+        model = load_causal_lm(lm, "model.lm", quantization_config=config)
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     def _apply_lora(self, r: int, alpha: float, dropout: float, targets: list[str]) -> None:
@@ -479,8 +486,8 @@ class VisionLanguageTask(Task):
     def from_checkpoint(cls, path: str, tokenizer: Any, **overrides: Any) -> VisionLanguageTask:
         """Rebuild the task of a checkpoint of this task (weights-only load) with ``tokenizer``.
 
-        The earlier-stage sources (``init``, ``lm_init``, ``vision_init``) are not read again: the
-        checkpoint holds every weight.
+        The earlier-stage sources (``init``, ``lm_init``, ``vision_init``) are not read again and the tower and
+        the LM are built from their configs (``random_init``): the checkpoint holds every weight.
         """
         ckpt = load_checkpoint(path, "--ckpt")
         hparams = dict(ckpt.get("hyper_parameters") or {})
@@ -488,7 +495,7 @@ class VisionLanguageTask(Task):
             raise ValueError(f"--ckpt {path!r} is not a checkpoint of {cls.__name__} (no hyper_parameters/state_dict)")
         hparams.pop("tokenizer_path", None)
         hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's _class_path, ...
-        hparams.update(init=None, lm_init=None, vision_init=None, **overrides)
+        hparams.update(init=None, lm_init=None, vision_init=None, random_init=True, **overrides)
         task = cls(tokenizer=tokenizer, **hparams)
         task.load_state_dict(ckpt["state_dict"])
         return task
