@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mm_lightning.data import synthetic
-from mm_lightning.data.chat_tokenizer import CHAT_TOKENIZER_DIR, train_chat_tokenizer_from_shards
+from mm_lightning.data.chat_tokenizer import CHAT_TOKENIZER_DIR, CHATML_TOKENIZER_DIR, train_chat_tokenizer_from_shards
 from mm_lightning.data.shards import MANIFEST_FILE, update_sizes, write_manifest, write_shards
 from mm_lightning.data.tokenizer import TOKENIZER_FILE, train_tokenizer_from_shards
 
@@ -143,6 +143,9 @@ def prepare_shapes(out_dir: str | os.PathLike = "data/shards/shapes", train: int
         train_tokenizer_from_shards(sorted(out.glob("shapes-train-[0-9]*.tar")), out / TOKENIZER_FILE)
         # The multimodal LLM's: case-keeping BPE of captions, questions, answers and preference texts
         train_chat_tokenizer_from_shards(sorted(out.glob("shapes-train-[0-9]*.tar")), out / CHAT_TOKENIZER_DIR)
+        # the same texts in Qwen2's ChatML layout, for LMs of that family (mllm_siglip_qwen2_shapes.yaml)
+        train_chat_tokenizer_from_shards(sorted(out.glob("shapes-train-[0-9]*.tar")), out / CHATML_TOKENIZER_DIR,
+                                         layout="chatml")
     return _finish(out, splits, name="shapes", classes=list(synthetic.CLASS_NAMES), image_size=image_size,
                    seed=seed, members=["png", "cls", "txt", "json"], generator="mm_lightning.data.synthetic",
                    generator_version=synthetic.VERSION,
@@ -444,20 +447,35 @@ def _lock(directory: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _tokenizer_missing(directory: str | os.PathLike) -> bool:
-    """Whether a complete data set has training captions but no ``tokenizer.json``."""
+def _missing_tokenizers(directory: str | os.PathLike) -> list[str]:
+    """The tokenizers a complete data set should have and lacks: ``tokenizer.json`` (training captions) and, next to
+    a chat tokenizer (conversations), the ChatML one (written by versions after the shards were)."""
     manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
-    return (not (Path(directory) / TOKENIZER_FILE).is_file() and "txt" in (manifest.get("members") or [])
-            and bool((manifest.get("splits") or {}).get("train")))
+    if not (manifest.get("splits") or {}).get("train"):
+        return []
+    missing = []
+    if not (Path(directory) / TOKENIZER_FILE).is_file() and "txt" in (manifest.get("members") or []):
+        missing.append(TOKENIZER_FILE)
+    if manifest.get("chat_tokenizer") and not (Path(directory) / CHATML_TOKENIZER_DIR).is_dir():
+        missing.append(CHATML_TOKENIZER_DIR)
+    return missing
+
+
+def _tokenizer_missing(directory: str | os.PathLike) -> bool:
+    return bool(_missing_tokenizers(directory))
 
 
 def ensure_tokenizer(directory: str | os.PathLike) -> bool:
-    """Train ``tokenizer.json`` from the training captions of a complete data set that has captions but no tokenizer."""
-    if not _tokenizer_missing(directory):
+    """Train the tokenizers (:func:`_missing_tokenizers`) of a complete data set that lacks them."""
+    missing = _missing_tokenizers(directory)
+    if not missing:
         return False
     manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
     shards = [str(Path(directory) / name) for name in braceexpand.braceexpand(manifest["splits"]["train"]["pattern"])]
-    train_tokenizer_from_shards(shards, Path(directory) / TOKENIZER_FILE)
+    if TOKENIZER_FILE in missing:
+        train_tokenizer_from_shards(shards, Path(directory) / TOKENIZER_FILE)
+    if CHATML_TOKENIZER_DIR in missing:
+        train_chat_tokenizer_from_shards(shards, Path(directory) / CHATML_TOKENIZER_DIR, layout="chatml")
     return True
 
 

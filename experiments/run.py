@@ -43,6 +43,7 @@ from mm_lightning.checkpoint_io import CheckpointSaveError, SafeCheckpointIO
 from mm_lightning.data.datamodule import BadSampleError, WebDataModule
 from mm_lightning.data.shards import ShardSpecError
 from mm_lightning.data.tokenizer import Tokenizer
+from mm_lightning.models.hub import PretrainedError
 
 RUN_DIR_ENV = "MM_RUN_DIR"  # lets processes started by a launcher (DDP, SLURM) agree on one run directory
 DEBUG_ENV = "MM_DEBUG"  # MM_DEBUG=1: user errors show their traceback too
@@ -537,7 +538,7 @@ def _root_message(err: BaseException) -> str:
 
 #: errors that name what the user gave (a flag, file, shard, key): one line, exit 2, at any time
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ShardSpecError, BadSampleError, UnsafeCheckpointError, UnreadableCheckpointError,
+    ShardSpecError, BadSampleError, UnsafeCheckpointError, UnreadableCheckpointError, PretrainedError,
     FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
 )
 #: a run that cannot go on: one line, exit 1

@@ -185,3 +185,36 @@ def test_prepare_shapes_writes_both_tokenizers(tmp_path: Path) -> None:
     for text in texts:
         assert chat.decode(chat.encode(text)) == text
         assert len(chat.encode(text)) <= len(text.split()) + 2  # trained on these texts: about a token a word
+
+
+def test_shapes_chatml_tokenizer_is_qwen2s_layout_and_old_shards_get_it(tmp_path):
+    """``data.prepare shapes`` writes a second chat tokenizer in Qwen2's ChatML layout: Qwen2-0.5B-Instruct's chat
+    template as published (its tokenizer_config.json) and special tokens, no bos; our ids for a conversation equal
+    apply_chat_template's (the default system turn first); shards written before it get it on first use."""
+    from data.prepare import ensure_tokenizer, prepare_shapes
+    from mm_lightning.data.chat_tokenizer import CHATML_TOKENIZER_DIR
+    from mm_lightning.data.conversations import encode_segments
+
+    qwen2_template = (  # Qwen/Qwen2-0.5B-Instruct, tokenizer_config.json "chat_template"
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+        "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    out = tmp_path / "shapes"
+    prepare_shapes(out, train=40, val=4, test=4, progress=False)
+    tok = ChatTokenizer(out / CHATML_TOKENIZER_DIR)
+    assert tok.hf.chat_template == qwen2_template
+    assert tok.bos_token_id is None and tok.hf.convert_ids_to_tokens(tok.end_of_turn_id) == "<|im_end|>"
+    turns = [("user", "What colour is the shape?", False), ("assistant", "It is red.", True),
+             ("user", "How many shapes?", False), ("assistant", "Two.", True)]
+    messages = [{"role": role, "content": text} for role, text, _ in turns]
+    encoded = encode_segments(tok, turns)
+    assert encoded.input_ids == list(tok.hf.apply_chat_template(messages, tokenize=True)["input_ids"])
+    assert tok.hf.decode(encoded.input_ids).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    supervised = [i for i, label in zip(encoded.input_ids, encoded.labels) if label != -100]
+    assert tok.hf.decode(supervised) == "It is red.<|im_end|>Two.<|im_end|>"
+
+    import shutil
+
+    shutil.rmtree(out / CHATML_TOKENIZER_DIR)
+    assert ensure_tokenizer(out) and (out / CHATML_TOKENIZER_DIR).is_dir() and not ensure_tokenizer(out)

@@ -48,7 +48,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mm_lightning.data.tokenizer import Tokenizer
 
@@ -72,6 +72,17 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}" + ASSISTANT_TOKEN + "{% endif %}"
 )
 CHAT_TOKENIZER_DIR = "chat_tokenizer"
+#: Qwen2's ChatML layout (Qwen/Qwen2-0.5B-Instruct's tokenizer_config.json): its special tokens and chat template,
+#: which puts a default system turn first when the conversation has none
+CHATML_TOKENIZER_DIR = "chatml_tokenizer"
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN)
+CHATML_SYSTEM_PROMPT = "You are a helpful assistant."
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + CHATML_SYSTEM_PROMPT + "<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 TOKENIZER_CONFIG = "tokenizer_config.json"
 _SENTINELS = ("zqxuserzqx1", "zqxassistantzqx1", "zqxuserzqx2", "zqxassistantzqx2")
 _SYSTEM_SENTINEL = "zqxsystemzqx1"
@@ -84,24 +95,29 @@ _GIVE_MARKERS = "give user_marker, assistant_marker and end_of_turn (tokenizer.i
 
 
 def train_chat_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1000,
-                         min_frequency: int = 2) -> Path:
+                         min_frequency: int = 2, layout: Literal["shapes", "chatml"] = "shapes") -> Path:
     """Train a byte-level BPE on ``texts`` and save it with its chat template as a tokenizer directory.
 
     No lower-casing, no prefix space (an answer's first word encodes the same at the start of
-    its turn as anywhere it starts a text). The vocabulary holds the 256 byte symbols, the
-    :data:`SPECIAL_TOKENS` (``<|pad|>`` is id 0) and at most ``vocab_size`` entries in all.
-    Written atomically: ``out_dir`` appears complete or not at all. Returns ``out_dir``.
+    its turn as anywhere it starts a text). ``layout`` ``shapes``: the :data:`SPECIAL_TOKENS`
+    (``<|pad|>`` is id 0) and :data:`CHAT_TEMPLATE`; ``chatml``: Qwen2's special tokens and chat template
+    (:data:`CHATML_TEMPLATE`, no bos, ``<|endoftext|>`` pads, ``<|im_end|>`` ends a turn), the layout of a
+    Qwen2 / SmolLM2 LM. The vocabulary holds the 256 byte symbols, the special tokens and at most
+    ``vocab_size`` entries in all. Written atomically: ``out_dir`` appears complete or not at all. Returns ``out_dir``.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {vocab_size}")
+    if layout not in ("shapes", "chatml"):
+        raise ValueError(f"layout must be 'shapes' or 'chatml', got {layout!r}")
+    specials = list(SPECIAL_TOKENS if layout == "shapes" else CHATML_SPECIAL_TOKENS)
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size must be at least {256 + len(specials)} (bytes + special tokens), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     count = 0
 
@@ -110,13 +126,20 @@ def train_chat_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab
         for text in texts:
             count += 1
             yield text
+        if layout == "chatml" and count:  # the template's own text is in every sequence: give it merges too
+            yield from ["system", "user", "assistant", CHATML_SYSTEM_PROMPT] * 16
 
     tokenizer.train_from_iterator(counted(), trainer=trainer)
     if count == 0:
         raise ValueError("no texts to train the chat tokenizer on")
-    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS_TOKEN, eos_token=END_OF_TURN_TOKEN,
-                                 pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False)
-    hf.chat_template = CHAT_TEMPLATE
+    if layout == "shapes":
+        hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS_TOKEN, eos_token=END_OF_TURN_TOKEN,
+                                     pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False)
+        hf.chat_template = CHAT_TEMPLATE
+    else:
+        hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                     clean_up_tokenization_spaces=False)
+        hf.chat_template = CHATML_TEMPLATE
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -149,7 +172,8 @@ def json_texts(meta: Any) -> Iterator[str]:
 
 
 def train_chat_tokenizer_from_shards(shards: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                                     vocab_size: int = 1000, min_frequency: int = 2) -> Path:
+                                     vocab_size: int = 1000, min_frequency: int = 2,
+                                     layout: Literal["shapes", "chatml"] = "shapes") -> Path:
     """:func:`train_chat_tokenizer` on the ``.txt`` and ``.json`` texts (:func:`json_texts`) of ``shards``."""
     import json
 
@@ -166,7 +190,7 @@ def train_chat_tokenizer_from_shards(shards: Sequence[str | os.PathLike], out_di
                 raise ValueError(f"a .json member of the shards ({shards[0]}, ...) is not JSON: {err}") from err
 
     try:
-        return train_chat_tokenizer(texts(), out_dir, vocab_size, min_frequency)
+        return train_chat_tokenizer(texts(), out_dir, vocab_size, min_frequency, layout)
     except ValueError as err:
         if "no texts" in str(err):
             raise ValueError(f"the shards ({shards[0] if shards else 'none'}, ...) hold no .txt or .json texts") from None
