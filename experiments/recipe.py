@@ -62,7 +62,10 @@ def load_recipe(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise RecipeError(f"recipe {path}: no such file")
     with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
+        try:
+            recipe = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
         raise RecipeError(f"recipe {path}: needs a non-empty 'stages' list")
     unknown = set(recipe) - {"stages", "args"}
@@ -226,13 +229,17 @@ def print_report(summary: dict[str, Any], stages: list[dict[str, Any]]) -> None:
     print(f"[recipe] wall time of this call: {summary['recipe_wall_time_s']} s")
 
 
-def parse_overrides(items: list[str], names: list[str]) -> dict[str, list[str]]:
+def parse_overrides(items: list[str], names: list[str], exports: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+    """Flags per stage from ``NAME:--flag`` items (``*``: every training stage; export stages take none)."""
     out: dict[str, list[str]] = {n: [] for n in names}
+    training = [n for n in names if n not in exports]
     for item in items:
         name, sep, flag = item.partition(":")
         if not sep or (name not in out and name != "*") or not flag.startswith("--"):
             raise RecipeError(f"--override {item!r}: expected NAME:--flag=value with NAME one of {', '.join(names)} or *")
-        for target in names if name == "*" else [name]:
+        if name in exports:
+            raise RecipeError(f"--override {item!r}: {name} is an export stage, which takes no flags")
+        for target in training if name == "*" else [name]:
             out[target].append(flag)
     return out
 
@@ -254,12 +261,12 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe)
     stages = recipe["stages"]
-    overrides = parse_overrides(args.override, [s["name"] for s in stages])
+    exports = frozenset(s["name"] for s in stages if "export" in s)
+    overrides = parse_overrides(args.override, [s["name"] for s in stages], exports)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     records: dict[str, dict[str, Any]] = {}
-    exports = frozenset(s["name"] for s in stages if "export" in s)
     for stage in stages:
         cmd = stage_command(stage, out, recipe.get("args") or [], overrides[stage["name"]], exports)
         records[stage["name"]] = run_stage(stage, cmd, out)

@@ -170,3 +170,13 @@ def test_a_recipe_export_stage_hands_its_directory_to_later_stages(tmp_path):
         with pytest.raises(RecipeError, match=message):
             load_recipe(str(recipe))
     assert os.path.isfile(config)
+
+
+def test_recipe_overrides_skip_export_stages():
+    from experiments.recipe import parse_overrides
+
+    names, exports = ["lm", "lm_hf", "align"], frozenset({"lm_hf"})
+    assert parse_overrides(["*:--trainer.max_epochs=1"], names, exports) == {
+        "lm": ["--trainer.max_epochs=1"], "lm_hf": [], "align": ["--trainer.max_epochs=1"]}
+    with pytest.raises(RecipeError, match="lm_hf is an export stage"):
+        parse_overrides(["lm_hf:--x=1"], names, exports)
