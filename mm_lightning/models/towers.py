@@ -17,7 +17,8 @@ The source (``vision_source: auto``): an existing directory is read by its ``con
 
 Token features (``(B, N, D)``, what the connector reads) follow LLaVA (``LlavaModel.get_image_features``):
 a transformers tower runs with ``output_hidden_states=True`` and gives ``hidden_states[vision_feature_layer]``
-(default -2 for CLIP as LLaVA-1.5, -1 for SigLIP as LLaVA-OneVision / nanoVLM, -1 for DINOv2); that is
+(default -2 for CLIP as LLaVA-1.5, -1 for SigLIP and DINOv2: the last block's output; nanoVLM also
+applies SigLIP's ``post_layernorm``, which is not done here); that is
 the encoder output before any final norm (CLIP's ``post_layernorm`` only touches the pooled token,
 SigLIP's ``post_layernorm`` and DINOv2's ``layernorm`` are NOT applied: ``last_hidden_state`` differs
 from ``hidden_states[-1]`` there). ``vision_select: default`` drops the tokens that are not patches
