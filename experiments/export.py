@@ -56,6 +56,15 @@ Formats:
   one (``model.ema_decay``), else the trained weights. ``vit_shapes`` is written as ``vit_tiny_patch16_224`` with
   its settings in ``model_args`` (the same network, timm builds it without us); the architecture's published
   provenance (license, tag) is not copied into ``pretrained_cfg``.
+* ``llava``: a multimodal LLM with a transformers SigLIP / CLIP tower, the ``mlp`` connector (LLaVA's
+  Linear-GELU-Linear) and a transformers LM (LoRA merged) as a transformers LLaVA directory:
+  ``LlavaForConditionalGeneration.from_pretrained(DIR)`` / ``AutoProcessor.from_pretrained(DIR)`` (a
+  ``LlavaProcessor``), a README.md model card (the run's summary.json and config.yaml when beside the
+  checkpoint's folder), or ``model.init_args.init: DIR`` of a later stage. What LLaVA cannot represent
+  is refused naming the option (:mod:`mm_lightning.models.llava`).
+* ``mm-lightning``: any multimodal LLM (``qformer``, ``resampler``, ``xattn`` connectors, pixel shuffle, timm
+  towers by name; LoRA merged) in this framework's own layout (config.json + model.safetensors + the
+  tokenizer, :mod:`mm_lightning.models.vlm_pretrained`): ``VisionLanguageModel.from_pretrained(DIR)``.
 
 Weights are written as safetensors only. ``DIR`` must not exist or be empty: nothing already there is
 overwritten; the export is written beside it and moved into place when complete. Errors are one
@@ -74,7 +83,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("siglip", "causal-lm", "open_clip", "timm")
+FORMATS = ("siglip", "causal-lm", "open_clip", "timm", "llava", "mm-lightning")
 IMAGE_TOWER_DIR = "image_tower"  # open_clip exports: timm's config.json of an image tower timm cannot build by name
 
 
@@ -265,8 +274,66 @@ def export_timm(ckpt: str, out: Path, **_: Any) -> None:
     _write_json(out / "config.json", timm_config(portable, _timm_data_config(prep), _class_names(ckpt, num_classes)))
 
 
+def export_llava(ckpt: str, out: Path, **_: Any) -> None:
+    """A multimodal LLM (transformers SigLIP / CLIP tower, mlp connector, transformers LM; LoRA merged) as a
+    transformers LLaVA directory with its LlavaProcessor and a model card (:mod:`mm_lightning.models.llava`)."""
+    from experiments.ask import run_config, tokenizer_options
+    from mm_lightning.checkpoint import load_checkpoint
+    from mm_lightning.data.chat_tokenizer import ChatTokenizer
+    from mm_lightning.models.convert import ConversionError
+    from mm_lightning.models.llava import model_card, save_llava
+    from mm_lightning.tasks.vlm import VisionLanguageTask
+
+    hparams = (load_checkpoint(ckpt, "--ckpt") or {}).get("hyper_parameters") or {}
+    path = hparams.get("tokenizer_path")
+    if not path:
+        raise ExportError(f"--ckpt {ckpt}: --to llava needs a multimodal-LLM checkpoint (it names no tokenizer)")
+    cfg = run_config(ckpt, None)
+    tokenizer = ChatTokenizer(path, **tokenizer_options(cfg, path))
+    task = VisionLanguageTask.from_checkpoint(ckpt, tokenizer)
+    task.merge_lora()
+    pipeline = ((cfg.get("data") or {}).get("pipeline") or {}).get("init_args") or {}
+    prep = {k: pipeline[k] for k in ("image_size", "mean", "std") if pipeline.get(k)}
+    try:
+        config = save_llava(task.model, tokenizer.hf, out, prep)
+    except ConversionError as err:
+        raise ExportError(f"--ckpt {ckpt}: --to llava: {err}") from None
+    run = Path(ckpt).resolve().parent.parent
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
+    has_config = (run / "config.yaml").is_file()
+    command = f"python -m experiments.run fit --config {run / 'config.yaml'}" if has_config else None
+    what = f"A multimodal LLM trained with mm-lightning ({type(task).__name__}, stage {task.stage}, {ckpt})"
+    (out / "README.md").write_text(model_card(config, what, summary, command,
+                                              (run / "config.yaml").read_text() if has_config else None))
+
+
+def export_mm_lightning(ckpt: str, out: Path, **_: Any) -> None:
+    """A multimodal LLM (any connector and tower; LoRA merged) in this framework's own layout
+    (:mod:`mm_lightning.models.vlm_pretrained`), read back by ``VisionLanguageModel.from_pretrained(DIR)``."""
+    from experiments.ask import run_config, tokenizer_options
+    from mm_lightning.checkpoint import load_checkpoint
+    from mm_lightning.data.chat_tokenizer import ChatTokenizer
+    from mm_lightning.models.convert import ConversionError
+    from mm_lightning.models.vlm_pretrained import save_vlm
+    from mm_lightning.tasks.vlm import VisionLanguageTask
+
+    hparams = (load_checkpoint(ckpt, "--ckpt") or {}).get("hyper_parameters") or {}
+    path = hparams.get("tokenizer_path")
+    if not path:
+        raise ExportError(f"--ckpt {ckpt}: --to mm-lightning needs a multimodal-LLM checkpoint (it names no tokenizer)")
+    tokenizer = ChatTokenizer(path, **tokenizer_options(run_config(ckpt, None), path))
+    task = VisionLanguageTask.from_checkpoint(ckpt, tokenizer)
+    task.merge_lora()
+    try:
+        save_vlm(task.model, out, task.hparams["connector"], task.hparams.get("connector_kwargs"),
+                 task.hparams.get("vision_kwargs"), tokenizer.hf, dict(hparams))
+    except ConversionError as err:
+        raise ExportError(f"--ckpt {ckpt}: --to mm-lightning: {err}") from None
+
+
 EXPORTS: dict[str, Callable[..., None]] = {"siglip": export_siglip, "causal-lm": export_causal_lm,
-                                           "open_clip": export_open_clip, "timm": export_timm}
+                                           "open_clip": export_open_clip, "timm": export_timm, "llava": export_llava,
+                                           "mm-lightning": export_mm_lightning}
 
 
 def export(ckpt: str, to: str, out: str, tokenizer: str | None = None) -> Path:

@@ -162,6 +162,14 @@ class VisionLanguageModel(nn.Module):
     def num_image_tokens(self) -> int:
         return self.connector.num_image_tokens
 
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> VisionLanguageModel:
+        """A model written by ``experiments.export --to mm-lightning`` (:mod:`mm_lightning.models.vlm_pretrained`:
+        config.json + model.safetensors + the tokenizer), rebuilt from that directory alone."""
+        from mm_lightning.models.vlm_pretrained import load_vlm
+
+        return load_vlm(directory)
+
     # ------------------------------------------------------------------------- inputs
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """The tower's token features ``(B, Nv, Dv)`` (without autograd when the tower is frozen)."""

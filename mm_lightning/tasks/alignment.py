@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mm_lightning.data.tokenizer import Tokenizer
+from mm_lightning.models.llava import llava_source
 from mm_lightning.models.vlm import VisionLanguageModel
 from mm_lightning.tasks.vlm import VisionLanguageTask, load_matching, state_of_task
 
@@ -82,6 +83,8 @@ class AlignmentTask(VisionLanguageTask):
         """A frozen model with the policy's current weights, built by the MLLM task from the same arguments."""
         params = inspect.signature(VisionLanguageTask.__init__).parameters
         args = {k: v for k, v in self.hparams.items() if k in params and k not in ("self", "tokenizer", *_SOURCES)}
+        if llava_source(self.hparams.get("init"), strict=False):  # a LLaVA init names the architecture: its config
+            args.update(init=self.hparams["init"], random_init=True)
         with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the run's stream alone
             twin = VisionLanguageTask(self.tokenizer, **args)
         model = twin.model
@@ -97,7 +100,7 @@ class AlignmentTask(VisionLanguageTask):
         if stage != "fit":  # no init was loaded into the policy (a checkpoint will be): read it into the reference
             if self.init:
                 load_matching(self._reference, state_of_task(self.init, "model.init"), "model.init", self.init)
-            else:
+            elif not self.hparams.get("init"):  # (a LLaVA init's weights came in when the task was built)
                 rank_zero_warn(f"{type(self).__name__}: no model.init, so the reference is this task's initial model")
         rank_zero_info(f"reference: a frozen copy of the starting model ({sum(p.numel() for p in self._reference.parameters())}"
                        " parameters, not in the optimizer or the checkpoints)")

@@ -22,6 +22,16 @@ e.g. the align stage for instruct), ``lm_init`` (only the LM of such a checkpoin
 stage) and ``vision_init`` (a CLIP, SSL or classification checkpoint of this framework; its image
 backbone is found by key suffix, as CLIP's ``image_init`` does).
 
+``init`` may instead name a transformers LLaVA (a directory or hub id whose config.json has ``model_type: llava``,
+e.g. what ``experiments.export --to llava`` writes, or ``llava-hf/llava-1.5-7b-hf``). The LLaVA then supplies the
+whole model, with its weights, when the task is built: its vision tower (SigLIP or CLIP, at its
+``vision_feature_layer`` and select strategy), its projector as the ``mlp`` connector and its language model. The
+architecture options (``vision``, ``vision_kwargs``, ``connector``, ``connector_kwargs``, ``lm``, ``image_size``, ...)
+stay unset (or agree with the LLaVA's), and the tokenizer is the LLaVA's own (``tokenizer.init_args.path``: the
+same directory: its ``<image>`` id must be the LLaVA's ``image_token_index``). Stage, freezing, LoRA and learning
+rates apply as to any model, so every stage (align, instruct, DPO, ...) can start from it; checkpoints of such a run
+rebuild it from the LLaVA's config.json (:meth:`VisionLanguageTask.from_checkpoint`).
+
 The tokenizer (``ChatTokenizer`` of :mod:`mm_lightning.data.chat_tokenizer`, or any object with its
 attributes) is configured once and handed over as an object; its ``vocab_size``,
 ``pad_token_id``, ``bos_token_id``, ``image_token_id`` and ``end_of_turn_id`` size the LM and stop
@@ -30,6 +40,7 @@ generation. It is not saved in the hyper-parameters (only its ``path``, as ``tok
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Literal
 
@@ -41,6 +52,7 @@ from mm_lightning.checkpoint import load_checkpoint, state_dict_of
 from mm_lightning.data.tokenizer import Tokenizer
 from mm_lightning.models.clip import load_backbone_weights
 from mm_lightning.models.connectors import ConnectorKind
+from mm_lightning.models.llava import llava_source
 from mm_lightning.models.towers import SelectStrategy, TowerSource, backbone_of, build_tower
 from mm_lightning.models.vlm import VisionLanguageModel, build_lm, build_vlm, decoder_layers
 from mm_lightning.tasks.base import Task, param_groups
@@ -157,7 +169,9 @@ class VisionLanguageTask(Task):
             remote code). Its own tokenizer (``tokenizer.init_args.path``: the same id or directory) and chat
             template lay out the conversations.
         lm_init: a checkpoint of this task (e.g. the ``lm`` stage) whose LM weights initialise the LM.
-        init: a checkpoint of this task (an earlier stage) whose weights initialise everything they fit.
+        init: a checkpoint of this task (an earlier stage) whose weights initialise everything they fit; or a
+            transformers LLaVA directory / hub id, which supplies the tower, the mlp connector and the LM with their
+            weights (see the module docstring; leave the architecture options unset).
         image_size: input side of the tower (default: what the tower was built for).
         random_init: build the tower and the LM from their configs at random initialisation, reading no weights
             (speed checks and parameter counts of real-size architectures; a hub id needs only its config.json).
@@ -233,20 +247,29 @@ class VisionLanguageTask(Task):
         self.lm_init, self.init = lm_init, init
         self.part_lr = {"vision": vision_lr, "connector": connector_lr, "lm": lm_lr}
 
-        tower = build_tower(
-            vision, vision_kwargs, source=vision_source, pretrained=vision_pretrained, weights=vision_weights,
-            feature_layer=vision_feature_layer, select=vision_select, image_size=image_size, random_init=random_init,
-        )
         special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                    "eos_token_id": tokenizer.end_of_turn_id}
-        if qlora:
-            language_model = self._quantized_lm(lm)
+        if llava_source(init, "model.init"):  # a transformers LLaVA: it supplies the architecture and the weights
+            given = {"vision": vision, "vision_kwargs": vision_kwargs, "vision_pretrained": vision_pretrained,
+                     "vision_weights": vision_weights, "vision_source": vision_source,
+                     "vision_feature_layer": vision_feature_layer, "vision_select": vision_select,
+                     "vision_init": vision_init, "connector": connector, "connector_kwargs": connector_kwargs, "lm": lm,
+                     "lm_init": lm_init, "image_size": image_size, "qlora": qlora}
+            self.model = llava_model(str(init), tokenizer, given, special, random_init)
+            self.init = None  # its weights are in already (setup() reads checkpoints of this task only)
         else:
-            language_model = build_lm(SHAPES_LM if lm is None else lm, tokenizer.vocab_size, special,
-                                      random_init=random_init)
-        self.model = build_vlm(
-            tower, language_model, connector, tokenizer.image_token_id, image_size, **dict(connector_kwargs or {})
-        )
+            tower = build_tower(
+                vision, vision_kwargs, source=vision_source, pretrained=vision_pretrained, weights=vision_weights,
+                feature_layer=vision_feature_layer, select=vision_select, image_size=image_size, random_init=random_init,
+            )
+            if qlora:
+                language_model = self._quantized_lm(lm)
+            else:
+                language_model = build_lm(SHAPES_LM if lm is None else lm, tokenizer.vocab_size, special,
+                                          random_init=random_init)
+            self.model = build_vlm(
+                tower, language_model, connector, tokenizer.image_token_id, image_size, **dict(connector_kwargs or {})
+            )
         self.lora = lora_r > 0
         if qlora and not self.lora:
             raise ValueError("model.qlora trains LoRA adapters over a 4-bit base: set model.lora_r > 0")
@@ -487,7 +510,8 @@ class VisionLanguageTask(Task):
         """Rebuild the task of a checkpoint of this task (weights-only load) with ``tokenizer``.
 
         The earlier-stage sources (``init``, ``lm_init``, ``vision_init``) are not read again and the tower and
-        the LM are built from their configs (``random_init``): the checkpoint holds every weight.
+        the LM are built from their configs (``random_init``): the checkpoint holds every weight. A LLaVA ``init``
+        names the architecture, so its ``config.json`` is read (:func:`rebuild_arguments`).
         """
         ckpt = load_checkpoint(path, "--ckpt")
         hparams = dict(ckpt.get("hyper_parameters") or {})
@@ -495,10 +519,68 @@ class VisionLanguageTask(Task):
             raise ValueError(f"--ckpt {path!r} is not a checkpoint of {cls.__name__} (no hyper_parameters/state_dict)")
         hparams.pop("tokenizer_path", None)
         hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's _class_path, ...
-        hparams.update(init=None, lm_init=None, vision_init=None, random_init=True, **overrides)
+        hparams = rebuild_arguments(hparams)
+        hparams.update(**overrides)
+        # a subclass's checkpoint (DPO, reward, ...) read as this class: its own options (beta, ...) are not ours
+        accepted = {name for klass in cls.__mro__ if isinstance(klass, type) and issubclass(klass, Task)
+                    for name in inspect.signature(klass.__init__).parameters}
+        hparams = {k: v for k, v in hparams.items() if k in accepted}
         task = cls(tokenizer=tokenizer, **hparams)
         task.load_state_dict(ckpt["state_dict"])
         return task
+
+
+def rebuild_arguments(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` of this task made to rebuild its architecture without reading earlier stages' weights (a checkpoint
+    or a copy of the model's weights follows): ``init``, ``lm_init`` and ``vision_init`` cleared and ``random_init``
+    set, except that a transformers LLaVA ``init`` stays, since it names the tower, connector and LM (with
+    ``random_init`` only its config.json is read)."""
+    args = dict(hparams)
+    keep = llava_source(args.get("init"), "model.init", strict=False)
+    args.update(lm_init=None, vision_init=None, random_init=True)
+    if not keep:
+        args["init"] = None
+    return args
+
+
+def llava_model(init: str, tokenizer: Tokenizer, given: dict[str, Any], special: dict[str, int | None],
+                random_init: bool = False) -> VisionLanguageModel:
+    """The model of a transformers LLaVA given as ``model.init`` (:func:`mm_lightning.models.llava.load_llava`): its
+    tower, projector (our ``mlp`` connector) and LM with their weights.
+
+    The LLaVA supplies the architecture: each option of ``given`` (``vision``, ``lm``, ``connector_kwargs``, ...)
+    must be left at its default or agree with the LLaVA's (``vision_feature_layer``, ``vision_select``,
+    ``connector: mlp``, ``image_size``), else a one-line error names it. The tokenizer must be the LLaVA's: its
+    ``<image>`` id is the LLaVA's ``image_token_index`` and its vocabulary fits the LM's embeddings.
+    ``special`` (pad, bos, eos ids) go into the LM's config and generation config, as for any LM.
+    """
+    from mm_lightning.models.llava import load_llava, read_llava_config
+
+    config = read_llava_config(init, "model.init")
+    agreed = {"vision_feature_layer": config.vision_feature_layer, "vision_select": config.vision_feature_select_strategy,
+              "connector": "mlp", "image_size": config.vision_config.image_size}
+    defaults = inspect.signature(VisionLanguageTask.__init__).parameters
+    for name, value in given.items():
+        if value == defaults[name].default or value in ({}, None) or (name in agreed and value == agreed[name]):
+            continue
+        also = f" (the LLaVA's is {agreed[name]!r})" if name in agreed else ""
+        raise ValueError(f"model.{name}={value!r}: model.init {init!r} is a transformers LLaVA, which supplies the vision "
+                         f"tower, the mlp connector and the LM{also}: leave model.{name} unset")
+    where = f"model.init {init!r}"
+    if tokenizer.image_token_id != config.image_token_index:
+        raise ValueError(f"{where} puts images at token id {config.image_token_index}, but the tokenizer's <image> is id "
+                         f"{tokenizer.image_token_id}: use the LLaVA's own tokenizer (tokenizer.init_args.path: {init})")
+    rows = int(config.text_config.vocab_size)
+    if tokenizer.vocab_size > rows:
+        raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the LLaVA's LM {rows} embeddings: "
+                         f"use the LLaVA's own tokenizer (tokenizer.init_args.path: {init})")
+    parts = load_llava(init, "model.init", random_init=random_init)
+    for name, value in special.items():
+        if value is not None:
+            setattr(parts.lm.config, name, value)
+            if getattr(parts.lm, "generation_config", None) is not None:
+                setattr(parts.lm.generation_config, name, value)
+    return VisionLanguageModel(parts.vision, parts.connector, parts.lm, tokenizer.image_token_id)
 
 
 def state_of_task(path: str, what: str) -> dict[str, torch.Tensor]:
