@@ -64,32 +64,82 @@ def builtin_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _stage_cli(recipe: Path, stage: dict, out: Path, exports: frozenset[str]):
+    """The MMLightningCLI of a training stage, built (not run) from the recipe's own command line for it."""
+    from experiments.run import MMLightningCLI
+
+    cmd = stage_command({**stage, "configs": [str(REPO / c) for c in stage["configs"]]}, out, [], [], exports)
+    args = cmd[cmd.index("fit") + 1:]
+    return MMLightningCLI(args=[*args, "--prepare_data=false", "--logger=none", f"--trainer.default_root_dir={out}"],
+                          run=False)
+
+
+def _materialise(recipe: Path, name: str, out: Path, exports: frozenset[str]) -> None:
+    """What stage ``name`` hands on, made for real: a training stage's checkpoint (its task as built, saved with the
+    task's own hook), an export stage's directory (experiments.export of the checkpoint it names)."""
+    import torch
+
+    from experiments.export import export
+
+    stages = {s["name"]: s for s in yaml.safe_load(recipe.read_text())["stages"]}
+    stage = stages[name]
+    if "export" in stage:
+        source = stage["export"]["from"]
+        _materialise(recipe, source, out, exports)
+        export(str(out / source / "checkpoints" / "best.ckpt"), stage["export"]["to"], str(out / name))
+        return
+    for earlier in set((stage.get("inputs") or {}).values()):
+        if not (out / earlier).exists():
+            _materialise(recipe, earlier, out, exports)
+    task = _stage_cli(recipe, stage, out, exports).model
+    ckpt = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(ckpt)
+    (out / name / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, out / name / "checkpoints" / "best.ckpt")
+
+
 @pytest.mark.parametrize(("recipe", "name"), RECIPE_STAGES, ids=[f"{r.stem}-{n}" for r, n in RECIPE_STAGES])
 def test_every_stage_of_a_shipped_recipe_builds(recipe: Path, name: str, builtin_shapes: Path, tmp_path: Path,
                                                 monkeypatch) -> None:
     """Each stage's stacked configs (stage fragments such as stages/mllm_lm.yaml on a connector config) and
-    flags parse and build model, data and trainer; the hand-over inputs are checkpoints, read only at fit."""
+    flags parse and build model, data and trainer. Checkpoint inputs are read only at fit (empty files stand in);
+    an export stage's directory is read when the model is built, so it is made for real: the stage it exports is
+    built, saved and exported by experiments.export. An export stage's own command is the export's."""
     import lightning as L
 
-    from experiments.run import MMLightningCLI
-
-    stage = next(s for s in yaml.safe_load(recipe.read_text())["stages"] if s["name"] == name)
+    stages = yaml.safe_load(recipe.read_text())["stages"]
+    stage = next(s for s in stages if s["name"] == name)
+    exports = frozenset(s["name"] for s in stages if "export" in s)
     monkeypatch.chdir(builtin_shapes)
     monkeypatch.setattr(sys, "argv", ["experiments.run"])
     monkeypatch.setenv("MM_RUN_DIR", str(tmp_path))
-    for source in (stage.get("inputs") or {}).values():  # the earlier stages' checkpoints, read only at fit
-        (tmp_path / source / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (tmp_path / source / "checkpoints" / "best.ckpt").touch()
-    cmd = stage_command({**stage, "configs": [str(REPO / c) for c in stage["configs"]]}, tmp_path, [], [])
-    args = cmd[cmd.index("fit") + 1:]  # the recipe's own command line for the stage
-    cli = MMLightningCLI(args=[*args, "--prepare_data=false", "--logger=none", f"--trainer.default_root_dir={tmp_path}"],
-                         run=False)
+    if "export" in stage:
+        (tmp_path / stage["export"]["from"] / "checkpoints").mkdir(parents=True)
+        (tmp_path / stage["export"]["from"] / "checkpoints" / "best.ckpt").touch()
+        cmd = stage_command(stage, tmp_path, [], [], exports)
+        assert cmd[1:] == ["-m", "experiments.export",
+                           f"--ckpt={tmp_path / stage['export']['from'] / 'checkpoints' / 'best.ckpt'}",
+                           f"--to={stage['export']['to']}", f"--out={tmp_path / name}"]
+        return
+    for source in (stage.get("inputs") or {}).values():
+        if source in exports:
+            if not (tmp_path / source).exists():
+                _materialise(recipe, source, tmp_path, exports)
+        else:  # the earlier stages' checkpoints, read only at fit
+            (tmp_path / source / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (tmp_path / source / "checkpoints" / "best.ckpt").touch()
+    cli = _stage_cli(recipe, stage, tmp_path, exports)
     assert isinstance(cli.model, L.LightningModule) and isinstance(cli.trainer, L.Trainer)
     assert cli.datamodule.shard_list("train")
     if name in ("lm", "align"):  # the fragment took effect: its stage and its pipeline
         assert cli.model.stage == name
         pipeline = {"lm": "TextPipeline", "align": "CaptionPipeline"}[name]
         assert type(cli.datamodule.pipeline).__name__ == pipeline
+    for flag, source in (stage.get("inputs") or {}).items():  # an exported directory is what the stage loaded
+        if source in exports and flag == "model.init_args.vision":
+            assert type(cli.model.model.vision.model).__name__ == "SiglipVisionModel"
+        if source in exports and flag == "model.init_args.lm":  # from_pretrained records where it read from
+            assert cli.model.model.lm.config._name_or_path == str(tmp_path / source)
 
 
 def recipe_file(tmp_path: Path) -> Path:
