@@ -44,6 +44,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from experiments.benchmark_timing import Interleaved, StepClock, default_callbacks, pick_device, step_times
 from experiments.common import load_task_and_data
 from mm_lightning.tasks.base import param_groups, warmup_cosine
 
@@ -51,15 +52,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
 PRESETS = CONFIGS / "presets"
 EXPERIMENTS = ("vit_shapes", "clip_shapes", "simclr_shapes", "moco_shapes", "triplet_digits")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def config_path(name: str) -> str:
@@ -169,75 +161,6 @@ class BareLoop:
                     k.mul_(m).add_(q.detach(), alpha=1.0 - m)
 
 
-class Interleaved(torch.utils.data.IterableDataset):
-    """Yields the Trainer's batches and runs one bare-loop step (timed) before each: the two alternate step by step."""
-
-    def __init__(self, bare: BareLoop, total: int) -> None:
-        self.bare, self.total = bare, total
-        self.intervals: list[tuple[float, float]] = []
-
-    def __iter__(self):
-        for i in range(self.total):
-            _sync(self.bare.device)
-            start = time.perf_counter()
-            self.bare.step(i)
-            _sync(self.bare.device)
-            self.intervals.append((start, time.perf_counter()))
-            yield self.bare.batches[i % len(self.bare.batches)]
-
-    def __len__(self) -> int:
-        return self.total
-
-
-class StepClock(L.Callback):
-    """The time at the end of every training batch (after a device sync)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.ends: list[float] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        _sync(self.device)
-        self.ends.append(time.perf_counter())
-
-
-def step_times(clock: StepClock, dataset: Interleaved, warmup: int, total: int) -> tuple[list[float], list[float]]:
-    """Per step after ``warmup``: the Trainer's time (between two step ends, less the bare steps run inside that
-    window while the loader fetched) and the bare loop's time for the same batch."""
-    ends, intervals = clock.ends, dataset.intervals
-    trainer_steps, bare_steps = [], []
-    for i in range(warmup, total):
-        window = (ends[i - 1], ends[i])
-        inside = sum(b - a for a, b in intervals if a >= window[0] and b <= window[1])
-        trainer_steps.append(window[1] - window[0] - inside)
-        bare_steps.append(intervals[i][1] - intervals[i][0])
-    return trainer_steps, bare_steps
-
-
-def default_callbacks(root: str, logger: str) -> tuple[list[L.Callback], Any]:
-    """``experiments.run``'s default callbacks and logger (with the throughput monitor)."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
-    from mm_lightning.callbacks.data_monitor import DataMonitor
-    from mm_lightning.callbacks.run_summary import RunSummary
-    from mm_lightning.callbacks.throughput import ThroughputMonitor
-
-    callbacks = [
-        ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), filename="best", save_last=True, monitor=None),
-        DataMonitor(),
-        RunSummary(),
-        LearningRateMonitor(logging_interval="step"),
-        ThroughputMonitor(),
-    ]
-    if logger == "wandb" and importlib.util.find_spec("wandb") is not None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        return callbacks, WandbLogger(save_dir=root, project="mm-lightning-benchmark", offline=True)
-    from lightning.pytorch.loggers import CSVLogger
-
-    return callbacks, CSVLogger(save_dir=root, name="", version="")
-
-
 def overhead(config: str, args: argparse.Namespace) -> dict[str, Any]:
     """(a) for one experiment: the bare loop and the Trainer alternate step by step; per-block time ratios.
 
@@ -248,7 +171,7 @@ def overhead(config: str, args: argparse.Namespace) -> dict[str, Any]:
     logging interval, so each block holds its share of logging) give one ratio each; the median is reported.
     """
     task, data, resolved = load_task_and_data([config], args.set)
-    device = _device()
+    device = pick_device()
     task.to(device)
     trainer_cfg = resolved.get("trainer") or {}
     precision = str(trainer_cfg.get("precision") or "32-true")
@@ -506,7 +429,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from experiments import benchmark_dpo, benchmark_vlm  # the MLLM/DPO parts (they import benchmark's pieces)
+    from experiments import benchmark_dpo, benchmark_vlm  # the MLLM/DPO parts (both use experiments.benchmark_timing)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),

@@ -30,17 +30,13 @@ from typing import Any
 
 import torch
 
+from experiments.benchmark_timing import sync
 from experiments.common import load_task_and_data
 from mm_lightning.data.preferences import concatenated
 from mm_lightning.losses.preference import completion_lengths, dpo_loss
 
 
 DEFAULTS = {"dpo_steps": 20, "dpo_warmup": 2, "dpo_batches": 4}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
@@ -81,25 +77,25 @@ def dpo_efficiency(configs: list[str], args: Any) -> dict[str, Any]:
         n = batch["chosen_input_ids"].shape[0]
         return logps[:n].float(), logps[n:].float()
 
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     table = [reference(b) for b in batches]  # what precompute_reference's pass computes, per batch
-    _sync(device)
+    sync(device)
     pairs = sum(b["chosen_input_ids"].shape[0] for b in batches)
     precompute_s = time.perf_counter() - start
 
     def step(batch: dict[str, Any], index: int, mode: str) -> tuple[float, float, int]:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         inputs = concatenated(batch)
         n = batch["chosen_input_ids"].shape[0]
         with _autocast(device, precision):
             logps = task.model.sequence_logprobs(inputs["image"], inputs["input_ids"], inputs["attention_mask"],
                                                  inputs["labels"])
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         ref_c, ref_r = reference(batch) if mode == "live" else table[index]
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         losses, _, _ = dpo_loss(logps[:n].float(), logps[n:].float(), ref_c, ref_r, task.beta, task.loss_type,
                                 task.label_smoothing, chosen_lengths=completion_lengths(batch["chosen_labels"]),
@@ -107,7 +103,7 @@ def dpo_efficiency(configs: list[str], args: Any) -> dict[str, Any]:
         losses.mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         t3 = time.perf_counter()
         return t3 - t0, t2 - t1, int(inputs["attention_mask"].sum())
 

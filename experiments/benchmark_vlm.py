@@ -70,12 +70,12 @@ class BareVLMLoop:
 
 def vlm_overhead(config: str, args: argparse.Namespace, overrides: list[str] | None = None) -> dict[str, Any]:
     """One connector's row: parameters, tokens/s of the bare loop and of the Trainer, and the overhead ratio."""
-    from experiments.benchmark import Interleaved, StepClock, _device, default_callbacks, step_times
+    from experiments.benchmark_timing import Interleaved, StepClock, default_callbacks, pick_device, step_times
     from experiments.common import load_task_and_data
 
     L.seed_everything(0, verbose=False)
     task, data, merged = load_task_and_data([config], overrides or [])
-    device = _device()
+    device = pick_device()
     task.to(device)
     batches = training_batches(data, 8, device)
     tokens = statistics.mean(float(b["attention_mask"].sum()) for b in batches)

@@ -166,7 +166,7 @@ def prepare_builtin_data(specs: list[Any]) -> None:
 
     Complete ones are only read (no lock file, nothing written), so a read-only shards volume works.
     """
-    from data.prepare import ensure_builtin, pending_builtin  # repo-level package: only the runner uses it
+    from data.builtin import ensure_builtin, pending_builtin  # repo-level package: only the runner uses it
 
     for spec in specs:
         if spec is None or not pending_builtin(spec):

@@ -191,7 +191,8 @@ def test_shapes_chatml_tokenizer_is_qwen2s_layout_and_old_shards_get_it(tmp_path
     """``data.prepare shapes`` writes a second chat tokenizer in Qwen2's ChatML layout: Qwen2-0.5B-Instruct's chat
     template as published (its tokenizer_config.json) and special tokens, no bos; our ids for a conversation equal
     apply_chat_template's (the default system turn first); shards written before it get it on first use."""
-    from data.prepare import ensure_tokenizer, prepare_shapes
+    from data.builtin import ensure_tokenizer
+    from data.prepare_shapes import prepare_shapes
     from mm_lightning.data.chat_tokenizer import CHATML_TOKENIZER_DIR
     from mm_lightning.data.conversations import encode_segments
 

@@ -433,7 +433,8 @@ def test_prepare_captions_writes_img2dataset_shards_and_a_tokenizer(tmp_path):
 
 def test_shapes_preparation_writes_the_caption_tokenizer(tmp_path):
     """``data.prepare shapes`` saves tokenizer.json beside the shards; shards from before it get one on first use."""
-    from data.prepare import ensure_tokenizer, prepare_shapes
+    from data.builtin import ensure_tokenizer
+    from data.prepare_shapes import prepare_shapes
     from mm_lightning.data.tokenizer import TextTokenizer
 
     out = tmp_path / "shapes"

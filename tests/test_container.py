@@ -42,7 +42,7 @@ def shapes_root(tmp_path_factory) -> Path:
 
 def test_complete_builtin_shards_are_only_read(shapes_root, monkeypatch):
     """prepare_builtin_data on complete shards writes nothing (no lock file): what a read-only volume needs."""
-    from data.prepare import ensure_builtin, pending_builtin
+    from data.builtin import ensure_builtin, pending_builtin
     from experiments.run import prepare_builtin_data
 
     monkeypatch.chdir(shapes_root)

@@ -351,7 +351,7 @@ def test_prepare_conversations_writes_instruction_shards_a_data_module_reads(tmp
     (lambda d: d.__setitem__(0, "hello"), "entry 0 is a str, not an object"),
 ])
 def test_prepare_conversations_names_the_bad_entry_and_writes_nothing(tmp_path: Path, change, message: str) -> None:
-    from data.conversations import prepare_conversations
+    from data.prepare_conversations import prepare_conversations
 
     src, images, data = _llava_source(tmp_path)
     change(data)
@@ -385,7 +385,7 @@ def test_prepare_conversations_cli_errors_are_one_line_with_exit_2(tmp_path: Pat
 
 
 def test_prepare_conversations_skips_text_only_entries_on_request(tmp_path: Path) -> None:
-    from data.conversations import prepare_conversations
+    from data.prepare_conversations import prepare_conversations
 
     src, images, data = _llava_source(tmp_path)
     data.insert(0, {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]})

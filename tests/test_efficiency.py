@@ -75,7 +75,7 @@ def test_throughput_monitor_logs_speed_and_memory(tmp_path):
 
     from lightning.pytorch.loggers import CSVLogger
 
-    from experiments.benchmark import StepClock  # an independent clock at the same hook, called right before the monitor's
+    from experiments.benchmark_timing import StepClock  # an independent clock at the same hook, called right before the monitor's
 
     monitor, clock = ThroughputMonitor(warmup_steps=1, window=4), StepClock(torch.device("cpu"))
     trainer = quiet_trainer(max_steps=13, limit_val_batches=0, callbacks=[clock, monitor], log_every_n_steps=4,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import prepare
+from data import builtin, prepare
 from mm_lightning.data import synthetic
 from mm_lightning.data.shards import list_shards
 
@@ -228,30 +228,30 @@ def small_builtins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str,
         calls["digits"].append(kw)
         return prepare.prepare_digits(**{"image_size": 8, "progress": False, **kw})
 
-    monkeypatch.setitem(prepare.BUILTIN_DATASETS, "data/shards/shapes", shapes)
-    monkeypatch.setitem(prepare.BUILTIN_DATASETS, "data/shards/digits", digits)
+    monkeypatch.setitem(builtin.BUILTIN_DATASETS, "data/shards/shapes", shapes)
+    monkeypatch.setitem(builtin.BUILTIN_DATASETS, "data/shards/digits", digits)
     return calls
 
 
 def test_ensure_builtin_generates_default_locations_once(tmp_path: Path, small_builtins: dict[str, list],
                                                          capsys: pytest.CaptureFixture) -> None:
     spec = "data/shards/shapes/shapes-train-{000000..000003}.tar"
-    assert prepare.ensure_builtin(spec) is True
+    assert builtin.ensure_builtin(spec) is True
     assert "data/shards/shapes" in capsys.readouterr().err
     assert small_builtins["shapes"] == [{"out_dir": "data/shards/shapes"}]
     assert len(list_shards(spec)) == 4
-    assert prepare.ensure_builtin(spec) is False and prepare.ensure_builtin("./data/shards/shapes") is False
+    assert builtin.ensure_builtin(spec) is False and builtin.ensure_builtin("./data/shards/shapes") is False
     assert len(small_builtins["shapes"]) == 1
     # An absolute path, inside a list and a '::' join, counts too.
     absolute = str(tmp_path / "data" / "shards" / "digits" / "digits-train-*.tar")
-    assert prepare.ensure_builtin(["somewhere/else.tar::" + absolute]) is True
+    assert builtin.ensure_builtin(["somewhere/else.tar::" + absolute]) is True
     assert len(small_builtins["digits"]) == 1 and (tmp_path / "data/shards/digits/manifest.json").is_file()
 
 
 def test_ensure_builtin_ignores_other_paths(tmp_path: Path, small_builtins: dict[str, list]) -> None:
     for spec in ("data/shards/mine/x-{000000..000003}.tar", "data/shards", "data/shards/shapes2",
                  str(tmp_path / "elsewhere" / "data" / "shards" / "shapes"), ["a.tar", "b/*.tar"]):
-        assert prepare.ensure_builtin(spec) is False, spec
+        assert builtin.ensure_builtin(spec) is False, spec
     assert small_builtins == {"shapes": [], "digits": []}
     assert not (tmp_path / "data" / "shards" / "shapes").exists()
 
@@ -259,13 +259,13 @@ def test_ensure_builtin_ignores_other_paths(tmp_path: Path, small_builtins: dict
 def test_ensure_builtin_completes_an_interrupted_run(tmp_path: Path, small_builtins: dict[str, list]) -> None:
     prepare.prepare_shapes("data/shards/shapes", train=8, val=4, test=4, progress=False)
     (tmp_path / "data/shards/shapes/manifest.json").unlink()  # as if stopped before the end
-    assert not prepare.is_prepared("data/shards/shapes")
-    assert prepare.ensure_builtin("data/shards/shapes") is True and prepare.is_prepared("data/shards/shapes")
+    assert not builtin.is_prepared("data/shards/shapes")
+    assert builtin.ensure_builtin("data/shards/shapes") is True and builtin.is_prepared("data/shards/shapes")
 
 
 def test_prepare_functions_are_the_builtin_defaults() -> None:
-    assert prepare.BUILTIN_DATASETS["data/shards/shapes"] is prepare.prepare_shapes
-    assert prepare.BUILTIN_DATASETS["data/shards/digits"] is prepare.prepare_digits
+    assert builtin.BUILTIN_DATASETS["data/shards/shapes"] is prepare.prepare_shapes
+    assert builtin.BUILTIN_DATASETS["data/shards/digits"] is prepare.prepare_digits
 
 
 def test_cli_tokenizer_trains_on_existing_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

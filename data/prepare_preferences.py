@@ -19,7 +19,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from data.prepare import SPLITS, _finish, _image_member, _random_split, _shard_name, _source_paths, _start, _write_split
+from data.common import (SPLITS, begin_dataset, finish_dataset, image_member, print_splits, random_split,
+                         shard_name, source_paths, write_split, writer_args)
 from mm_lightning.data.chat_tokenizer import CHAT_TOKENIZER_DIR, IMAGE_TOKEN, train_chat_tokenizer
 from mm_lightning.data.conversations import ConversationError
 from mm_lightning.data.preferences import PAIR_KEYS, completion_text, prompt_turns
@@ -81,34 +82,34 @@ def prepare_preferences(src: str | os.PathLike, images: str | os.PathLike, out_d
                         image_size: int | None = None, samples_per_shard: int | None = None, name: str | None = None,
                         vocab_size: int = 1000, progress: bool = True) -> dict[str, Any]:
     """Turn a preference JSONL file and its image folder into preference shards; returns the manifest."""
-    src_path, image_root = _source_paths(src, images, val_fraction, test_fraction, image_size, samples_per_shard)
+    src_path, image_root = source_paths(src, images, val_fraction, test_fraction, image_size, samples_per_shard)
     rows = read_rows(src_path)
     checked = [check_row(row, f"--src {src_path!r} row {i + 1}", image_root) for i, row in enumerate(rows)]
     decoded: set[str] = set()
     for i, (path, _) in enumerate(checked):  # decode every image now: a corrupt file fails before anything is written
         if path not in decoded:
             try:
-                _image_member(path, image_size)
+                image_member(path, image_size)
             except ValueError as err:
                 raise ValueError(f"--src {src_path!r} row {i + 1}: {err}") from None
             decoded.add(path)
-    parts = _random_split(len(rows), val_fraction, test_fraction, seed)
+    parts = random_split(len(rows), val_fraction, test_fraction, seed)
     if not parts["train"]:
         raise ValueError(f"--src {src_path!r}: no rows left for training ({len(rows)} in all)")
-    name = _shard_name(name, src_path, "preferences")
+    name = shard_name(name, src_path, "preferences")
 
     def samples(indices: list[int]) -> Iterator[dict[str, Any]]:
         for i in indices:
             path, meta = checked[i]
-            ext, data = _image_member(path, image_size)
+            ext, data = image_member(path, image_size)
             yield {"__key__": f"{i:09d}", ext: data, "json": {k: v for k, v in meta.items() if k != "_texts"}}
 
-    out = _start(out_dir)
-    splits = {split: _write_split(out, name, split, samples(parts[split]), len(parts[split]), samples_per_shard, progress)
+    out = begin_dataset(out_dir)
+    splits = {split: write_split(out, name, split, samples(parts[split]), len(parts[split]), samples_per_shard, progress)
               for split in SPLITS}
     texts = (t for i in parts["train"] for t in checked[i][1]["_texts"] if t)
     train_chat_tokenizer(texts, out / CHAT_TOKENIZER_DIR, vocab_size)
-    return _finish(out, splits, name=name, image_size=image_size, seed=seed, members=["<image extension>", "json"],
+    return finish_dataset(out, splits, name=name, image_size=image_size, seed=seed, members=["<image extension>", "json"],
                    format="preference", source=os.path.abspath(src_path), images=os.path.abspath(image_root),
                    chat_tokenizer=CHAT_TOKENIZER_DIR)
 
@@ -127,9 +128,7 @@ def add_arguments(parser: Any) -> None:
 
 def run(args: Any) -> dict[str, Any]:
     """Run the parsed ``preferences`` subcommand; print where the shards went."""
-    from data.prepare import _print_splits, _writer_args
-
     manifest = prepare_preferences(args.src, args.images, val_fraction=args.val_fraction,
                                    test_fraction=args.test_fraction, image_size=args.image_size, name=args.name,
-                                   vocab_size=args.vocab_size, **_writer_args(args))
-    return _print_splits(manifest, args.out)
+                                   vocab_size=args.vocab_size, **writer_args(args))
+    return print_splits(manifest, args.out)

@@ -19,7 +19,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from data.prepare import SPLITS, _finish, _image_member, _random_split, _shard_name, _source_paths, _start, _write_split
+from data.common import (SPLITS, begin_dataset, finish_dataset, image_member, print_splits, random_split,
+                         shard_name, source_paths, write_split, writer_args)
 from mm_lightning.data.chat_tokenizer import CHAT_TOKENIZER_DIR, json_texts, train_chat_tokenizer
 from mm_lightning.data.conversations import ConversationError, parse_conversation
 
@@ -97,31 +98,31 @@ def prepare_conversations(src: str | os.PathLike, images: str | os.PathLike, out
                           image_size: int | None = None, samples_per_shard: int | None = None, name: str | None = None,
                           skip_text_only: bool = False, vocab_size: int = 1000, progress: bool = True) -> dict[str, Any]:
     """Turn a LLaVA-format JSON file and its image folder into instruction shards; returns the manifest."""
-    src_path, image_root = _source_paths(src, images, val_fraction, test_fraction, image_size, samples_per_shard)
+    src_path, image_root = source_paths(src, images, val_fraction, test_fraction, image_size, samples_per_shard)
     entries = read_entries(src_path)
     usable, skipped = check_entries(entries, src_path, image_root, skip_text_only)
-    parts = _random_split(len(usable), val_fraction, test_fraction, seed)
+    parts = random_split(len(usable), val_fraction, test_fraction, seed)
     if not parts["train"]:
         raise ValueError(f"--src {src_path!r}: no entries left for training ({len(usable)} in all)")
-    name = _shard_name(name, src_path, "conversations")
+    name = shard_name(name, src_path, "conversations")
 
     def samples(indices: list[int]) -> Iterator[dict[str, Any]]:
         for k in indices:
             i, path = usable[k]
             entry = entries[i]
             try:
-                ext, data = _image_member(path, image_size)
+                ext, data = image_member(path, image_size)
             except ValueError as err:
                 raise ValueError(f"--src {src_path!r}: {_entry_name(i, entry)}: {err}") from None
             meta = {"id": entry.get("id", i), "image": entry["image"], "conversations": entry["conversations"]}
             yield {"__key__": f"{i:09d}", ext: data, "json": meta}
 
-    out = _start(out_dir)
-    splits = {split: _write_split(out, name, split, samples(parts[split]), len(parts[split]), samples_per_shard, progress)
+    out = begin_dataset(out_dir)
+    splits = {split: write_split(out, name, split, samples(parts[split]), len(parts[split]), samples_per_shard, progress)
               for split in SPLITS}
     texts = (t for k in parts["train"] for t in json_texts(entries[usable[k][0]]))
     train_chat_tokenizer(texts, out / CHAT_TOKENIZER_DIR, vocab_size)
-    return _finish(out, splits, name=name, image_size=image_size, seed=seed, members=["<image extension>", "json"],
+    return finish_dataset(out, splits, name=name, image_size=image_size, seed=seed, members=["<image extension>", "json"],
                    format="llava", source=os.path.abspath(src_path), images=os.path.abspath(image_root),
                    skipped_text_only=skipped, chat_tokenizer=CHAT_TOKENIZER_DIR)
 
@@ -141,9 +142,7 @@ def add_arguments(parser: Any) -> None:
 
 def run(args: Any) -> dict[str, Any]:
     """Run the parsed ``conversations`` subcommand; print where the shards went."""
-    from data.prepare import _print_splits, _writer_args
-
     manifest = prepare_conversations(args.src, args.images, val_fraction=args.val_fraction,
                                      test_fraction=args.test_fraction, image_size=args.image_size, name=args.name,
-                                     skip_text_only=args.skip_text_only, vocab_size=args.vocab_size, **_writer_args(args))
-    return _print_splits(manifest, args.out)
+                                     skip_text_only=args.skip_text_only, vocab_size=args.vocab_size, **writer_args(args))
+    return print_splits(manifest, args.out)
