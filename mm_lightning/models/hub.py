@@ -15,6 +15,7 @@ No Lightning imports.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,20 @@ def resolve(name: str | os.PathLike, option: str, config_file: str = CONFIG_FILE
 def from_pretrained_kwargs() -> dict[str, Any]:
     """The keyword arguments every ``from_pretrained`` call of this framework passes (see the module docstring)."""
     return {"local_files_only": is_offline(), "trust_remote_code": False, "use_safetensors": True}
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A JSON object from ``path`` (a config.json, a preprocessor_config.json); one-line :class:`PretrainedError`
+    naming ``what`` and the path when it cannot be read or is not an object."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PretrainedError(f"{what} {os.fspath(path)!r} cannot be read: {first}") from None
+    if not isinstance(data, dict):
+        raise PretrainedError(f"{what} {os.fspath(path)!r} is not a JSON object")
+    return data
 
 
 def load_pretrained(loader: Any, name: str | os.PathLike, option: str, **kwargs: Any) -> Any:

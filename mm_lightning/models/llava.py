@@ -40,7 +40,6 @@ No Lightning imports.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,7 +288,7 @@ def llava_source(name: str | os.PathLike | None, option: str = "model.init", str
                 raise PretrainedError(f"{option} {text!r}: a directory without {hub.CONFIG_FILE}, so not a transformers "
                                       "LLaVA model; give a checkpoint of this task or a LLaVA directory / hub id")
             return False
-        config = _read_config(path, option, text)
+        config = hub.read_json(path, f"{option} {text!r}: its")
     elif hub.looks_like_hub_id(text):
         try:
             config = _hub_config(text, option)
@@ -309,17 +308,6 @@ def llava_source(name: str | os.PathLike | None, option: str = "model.init", str
     return False
 
 
-def _read_config(path: str | os.PathLike, option: str, name: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as err:
-        raise PretrainedError(f"{option} {name!r}: its {hub.CONFIG_FILE} cannot be read: {err}") from None
-    if not isinstance(config, dict):
-        raise PretrainedError(f"{option} {name!r}: its {hub.CONFIG_FILE} is not a JSON object")
-    return config
-
-
 def _hub_config(repo_id: str, option: str) -> dict[str, Any]:
     from transformers.utils import cached_file
 
@@ -329,7 +317,7 @@ def _hub_config(repo_id: str, option: str) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PretrainedError(f"{option} {repo_id!r}: cannot read its {hub.CONFIG_FILE}: {first}") from None
-    return _read_config(path, option, repo_id)
+    return hub.read_json(path, f"{option} {repo_id!r}: its")
 
 
 def check_importable(config: Any, name: str, option: str = "model.init") -> tuple[str, int]:

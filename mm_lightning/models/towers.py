@@ -39,7 +39,6 @@ the option and the path or id. No Lightning imports.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -59,6 +58,7 @@ from mm_lightning.models.hub import (
     from_pretrained_kwargs,
     is_offline,
     looks_like_hub_id,
+    read_json,
     resolve,
 )
 
@@ -317,17 +317,6 @@ class TowerRef:
     bundled: bool = False  # a directory or a hub id: its weights come with it (a timm name: only if asked)
 
 
-def _read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
-        raise PretrainedError(f"{what} {os.fspath(path)!r} cannot be read: {_first_line(err)}") from None
-    if not isinstance(data, dict):
-        raise PretrainedError(f"{what} {os.fspath(path)!r} is not a JSON object")
-    return data
-
-
 def _hub_file(repo_id: str, filename: str, required: bool = True) -> str | None:
     """``filename`` of hub repository ``repo_id`` (downloaded when online, from the HF cache otherwise)."""
     from transformers.utils import cached_file
@@ -364,7 +353,7 @@ def locate_tower(name: str, source: TowerSource = "auto") -> TowerRef:
     path = Path(text).expanduser()
     if path.is_dir():
         directory = check_local_dir(path, OPTION)
-        config = _read_json(directory / CONFIG_FILE, f"{OPTION} config")
+        config = read_json(directory / CONFIG_FILE, f"{OPTION} config")
         kind = source if source != "auto" else _kind_of(config, text)
         if kind == "timm":
             return TowerRef("timm", f"local-dir:{directory}", config, directory=True, bundled=True)
@@ -374,7 +363,7 @@ def locate_tower(name: str, source: TowerSource = "auto") -> TowerRef:
         if source == "timm":
             check_cached(text, OPTION)
             return TowerRef("timm", f"hf-hub:{text}", bundled=True)
-        config = _read_json(_hub_file(text, CONFIG_FILE), f"{OPTION} config of")
+        config = read_json(_hub_file(text, CONFIG_FILE), f"{OPTION} config of")
         kind = source if source != "auto" else _kind_of(config, text)
         if kind == "timm":
             return TowerRef("timm", f"hf-hub:{text}", config, bundled=True)
@@ -444,7 +433,7 @@ def hf_preprocessing(ref: TowerRef, kind: HFTowerKind, vision_config: Any) -> tu
         path = os.fspath(found) if found.is_file() else None
     else:
         path = _hub_file(ref.name, PREPROCESSOR_FILE, required=False)
-    processor = _read_json(path, f"{OPTION} image processor") if path else {}
+    processor = read_json(path, f"{OPTION} image processor") if path else {}
     where = f"{OPTION} {ref.name!r}: {PREPROCESSOR_FILE}"
     mean = _triple(processor["image_mean"], f"{where} image_mean") if "image_mean" in processor else kind.mean
     std = _triple(processor["image_std"], f"{where} image_std") if "image_std" in processor else kind.std
