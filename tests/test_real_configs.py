@@ -168,25 +168,8 @@ def build_cli(configs: list[Path], overrides: list[str], run_dir: Path, device: 
         return MMLightningCLI(args=args, run=False)
 
 
-def skip_mean_resizing_on_meta(monkeypatch: pytest.MonkeyPatch) -> None:
-    """transformers' resize_token_embeddings initialises the added rows from the old rows' mean and covariance,
-    which reads values (``.item()``) that meta tensors do not have; on meta the rows keep their (no) values. Only the
-    values of the added rows are affected, never a shape."""
-    from transformers import PreTrainedModel
-
-    original = PreTrainedModel._init_added_embeddings_weights_with_mean
-
-    def init(self: Any, old_embeddings: Any, new_embeddings: Any, *args: Any, **kwargs: Any) -> Any:
-        if new_embeddings.weight.device.type == "meta":
-            return None
-        return original(self, old_embeddings, new_embeddings, *args, **kwargs)
-
-    monkeypatch.setattr(PreTrainedModel, "_init_added_embeddings_weights_with_mean", init)
-
-
 @pytest.fixture
 def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    skip_mean_resizing_on_meta(monkeypatch)
     monkeypatch.chdir(tmp_path)  # the configs' relative data paths point nowhere; nothing is prepared
     monkeypatch.setattr(sys, "argv", ["experiments.run"])
     monkeypatch.setenv("MM_RUN_DIR", str(tmp_path / "run"))
@@ -403,8 +386,7 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
-        skip_mean_resizing_on_meta(patch)
+    with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.chdir(root)
         os.environ["MM_RUN_DIR"] = str(root / "run")

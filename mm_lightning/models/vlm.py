@@ -104,9 +104,11 @@ def build_lm(
             setattr(model.config, name, value)
             if getattr(model, "generation_config", None) is not None:
                 setattr(model.generation_config, name, value)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if vocab_size is not None and vocab_size > rows:
-        model.resize_token_embeddings(vocab_size)
+    weight = model.get_input_embeddings().weight
+    if vocab_size is not None and vocab_size > weight.shape[0]:
+        # transformers fills the added rows from the old rows' mean and covariance, which reads values that a model
+        # built on the meta device (parameter counts of real-size configs) does not have
+        model.resize_token_embeddings(vocab_size, mean_resizing=weight.device.type != "meta")
     return model
 
 
