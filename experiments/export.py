@@ -59,15 +59,12 @@ Formats:
 * ``llava``: a multimodal LLM with a transformers SigLIP / CLIP tower, the ``mlp`` connector (LLaVA's
   Linear-GELU-Linear) and a transformers LM (LoRA merged) as a transformers LLaVA directory:
   ``LlavaForConditionalGeneration.from_pretrained(DIR)`` / ``AutoProcessor.from_pretrained(DIR)`` (a
-  ``LlavaProcessor``), or ``model.init_args.init: DIR`` of a later stage. What LLaVA cannot represent
+  ``LlavaProcessor``), a README.md model card (the run's summary.json and config.yaml when beside the
+  checkpoint's folder), or ``model.init_args.init: DIR`` of a later stage. What LLaVA cannot represent
   is refused naming the option (:mod:`mm_lightning.models.llava`).
 * ``mm-lightning``: any multimodal LLM (``qformer``, ``resampler``, ``xattn`` connectors, pixel shuffle, timm
   towers by name; LoRA merged) in this framework's own layout (config.json + model.safetensors + the
   tokenizer, :mod:`mm_lightning.models.vlm_pretrained`): ``VisionLanguageModel.from_pretrained(DIR)``.
-
-Every format's directory has a README.md model card (:func:`model_card`): what the model is, how its
-ecosystem loads it, the run's final metrics (``RUN/summary.json``) and the command and config that trained it
-(``RUN/config.yaml``), when the checkpoint is ``RUN/checkpoints/X.ckpt``.
 
 Weights are written as safetensors only. ``DIR`` must not exist or be empty: nothing already there is
 overwritten; the export is written beside it and moved into place when complete. Errors are one
@@ -277,14 +274,14 @@ def export_timm(ckpt: str, out: Path, **_: Any) -> None:
     _write_json(out / "config.json", timm_config(portable, _timm_data_config(prep), _class_names(ckpt, num_classes)))
 
 
-def export_llava(ckpt: str, out: Path, **_: Any) -> str:
+def export_llava(ckpt: str, out: Path, **_: Any) -> None:
     """A multimodal LLM (transformers SigLIP / CLIP tower, mlp connector, transformers LM; LoRA merged) as a
     transformers LLaVA directory with its LlavaProcessor and a model card (:mod:`mm_lightning.models.llava`)."""
     from experiments.ask import run_config, tokenizer_options
     from mm_lightning.checkpoint import load_checkpoint
     from mm_lightning.data.chat_tokenizer import ChatTokenizer
     from mm_lightning.models.convert import ConversionError
-    from mm_lightning.models.llava import describe, save_llava
+    from mm_lightning.models.llava import model_card, save_llava
     from mm_lightning.tasks.vlm import VisionLanguageTask
 
     hparams = (load_checkpoint(ckpt, "--ckpt") or {}).get("hyper_parameters") or {}
@@ -301,7 +298,13 @@ def export_llava(ckpt: str, out: Path, **_: Any) -> str:
         config = save_llava(task.model, tokenizer.hf, out, prep)
     except ConversionError as err:
         raise ExportError(f"--ckpt {ckpt}: --to llava: {err}") from None
-    return f"{type(task).__name__}, stage {task.stage}. {describe(config)}"
+    run = Path(ckpt).resolve().parent.parent
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
+    has_config = (run / "config.yaml").is_file()
+    command = f"python -m experiments.run fit --config {run / 'config.yaml'}" if has_config else None
+    what = f"A multimodal LLM trained with mm-lightning ({type(task).__name__}, stage {task.stage}, {ckpt})"
+    (out / "README.md").write_text(model_card(config, what, summary, command,
+                                              (run / "config.yaml").read_text() if has_config else None))
 
 
 def export_mm_lightning(ckpt: str, out: Path, **_: Any) -> None:
@@ -328,67 +331,7 @@ def export_mm_lightning(ckpt: str, out: Path, **_: Any) -> None:
         raise ExportError(f"--ckpt {ckpt}: --to mm-lightning: {err}") from None
 
 
-#: per format: (title, library_name, pipeline_tag, tags, how to load it)
-CARDS: dict[str, tuple[str, str, str, list[str], list[str]]] = {
-    "siglip": ("SigLIP vision tower", "transformers", "image-feature-extraction", ["siglip"], [
-        "from transformers import AutoImageProcessor, SiglipVisionModel",
-        "model = SiglipVisionModel.from_pretrained(DIR)",
-        "processor = AutoImageProcessor.from_pretrained(DIR)",
-        'features = model(**processor(images=image, return_tensors="pt")).last_hidden_state']),
-    "causal-lm": ("Causal language model", "transformers", "text-generation", ["causal-lm"], [
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(DIR)",
-        "tokenizer = AutoTokenizer.from_pretrained(DIR)",
-        'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, '
-        'return_tensors="pt")']),
-    "open_clip": ("CLIP", "open_clip", "zero-shot-image-classification", ["clip", "open_clip"], [
-        "import open_clip",
-        'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:DIR")',
-        'tokenizer = open_clip.get_tokenizer("local-dir:DIR")']),
-    "timm": ("Image classifier", "timm", "image-classification", ["timm"], [
-        "import timm",
-        'model = timm.create_model("local-dir:DIR", pretrained=True)']),
-    "llava": ("LLaVA", "transformers", "image-text-to-text", ["llava"], [
-        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
-        "model = LlavaForConditionalGeneration.from_pretrained(DIR)",
-        "processor = AutoProcessor.from_pretrained(DIR)",
-        'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]',
-        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
-        'inputs = processor(images=image, text=prompt, return_tensors="pt")',
-        "answer = model.generate(**inputs, max_new_tokens=32, do_sample=False)"]),
-    "mm-lightning": ("Multimodal LLM", "mm-lightning", "image-text-to-text", ["mllm"], [
-        "from mm_lightning.models.vlm import VisionLanguageModel",
-        "model = VisionLanguageModel.from_pretrained(DIR)"]),
-}
-
-
-def model_card(ckpt: str, to: str, description: str | None = None) -> str:
-    """The README.md every export writes: what the model is (``description``, a format's own details), how its
-    ecosystem loads it, the run's final metrics (``RUN/summary.json`` beside ``RUN/checkpoints/``: its scalar
-    entries) and the command and config that trained it (``RUN/config.yaml``)."""
-    title, library, pipeline_tag, tags, usage = CARDS[to]
-    run = Path(ckpt).resolve().parent.parent
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
-    config = run / "config.yaml"
-    lines = ["---", f"library_name: {library}", f"pipeline_tag: {pipeline_tag}",
-             f"tags: [{', '.join([*tags, 'mm-lightning'])}]", "---", "",
-             f"# {title} exported from mm-lightning", "",
-             f"Trained with mm-lightning ({ckpt}), exported with `python -m experiments.export --to {to}`."
-             + (f" {description}" if description else ""), "",
-             "```python", *usage, "```", ""]
-    scalars = {k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    if scalars:
-        lines += ["## Metrics (the run's summary.json)", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(scalars.items())]
-        lines.append("")
-    if config.is_file():
-        lines += ["## Training", "", "```bash", f"python -m experiments.run fit --config {config}", "```", "",
-                  "<details><summary>config.yaml</summary>", "", "```yaml", config.read_text().rstrip(), "```", "",
-                  "</details>", ""]
-    return "\n".join(lines)
-
-
-EXPORTS: dict[str, Callable[..., str | None]] = {"siglip": export_siglip, "causal-lm": export_causal_lm,
+EXPORTS: dict[str, Callable[..., None]] = {"siglip": export_siglip, "causal-lm": export_causal_lm,
                                            "open_clip": export_open_clip, "timm": export_timm, "llava": export_llava,
                                            "mm-lightning": export_mm_lightning}
 
@@ -406,8 +349,7 @@ def export(ckpt: str, to: str, out: str, tokenizer: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
     try:
-        description = EXPORTS[to](ckpt, staging, final=target.resolve(), tokenizer=tokenizer)
-        (staging / "README.md").write_text(model_card(ckpt, to, description))
+        EXPORTS[to](ckpt, staging, final=target.resolve(), tokenizer=tokenizer)
         if target.exists():
             target.rmdir()  # empty (checked above): replaced by the complete export
         os.replace(staging, target)

@@ -71,8 +71,7 @@ def test_the_image_tower_of_a_clip_checkpoint_exports_to_a_transformers_siglip(t
     ckpt = _save(task, tmp_path / "clip.ckpt")
     out = tmp_path / "siglip"
     export_cli.main(["--ckpt", str(ckpt), "--to", "siglip", "--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                     "preprocessor_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
 
     model = SiglipVisionModel.from_pretrained(out).eval()
     x = torch.randn(2, 3, 16, 16)
@@ -104,7 +103,6 @@ def test_the_lm_of_an_mllm_checkpoint_exports_with_its_tokenizer(tmp_path):
     out = tmp_path / "lm"
     export_cli.main(["--ckpt", str(ckpt), "--to", "causal-lm", "--out", str(out)])
     assert not any(p.name.endswith((".bin", ".pt", ".pth")) for p in out.iterdir())
-    assert "library_name: transformers" in (out / "README.md").read_text()
 
     lm = AutoModelForCausalLM.from_pretrained(out).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(out)
@@ -251,7 +249,6 @@ def test_a_clip_checkpoint_exports_to_open_clip_with_the_same_embeddings(tmp_pat
     names = sorted(p.name for p in out.iterdir())
     assert "open_clip_config.json" in names and "open_clip_model.safetensors" in names and "tokenizer.json" in names
     assert ("image_tower" in names) == (tower == "vit_shapes")
-    assert "library_name: open_clip" in (out / "README.md").read_text()
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
 
     image = torch.randn(4, 3, size, size)
@@ -293,7 +290,7 @@ def test_a_classifier_checkpoint_exports_to_timm_with_the_same_logits(tmp_path, 
     ckpt = _save(task, tmp_path / "cls.ckpt")
     out = tmp_path / "timm"
     export_cli.main(["--ckpt", str(ckpt), "--to", "timm", "--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == ("vit_tiny_patch16_224" if tower == "vit_shapes" else tower)
     assert config["num_classes"] == 3 and config["pretrained_cfg"]["num_classes"] == 3
@@ -409,32 +406,3 @@ def test_open_clip_and_timm_export_errors_are_one_line_and_write_nothing(tmp_pat
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and "exists and is not an empty directory" in err and "\n" not in err
         assert [p.name for p in full.iterdir()] == ["keep.txt"]
-
-
-def test_every_format_writes_a_model_card_with_the_runs_metrics_and_command(tmp_path):
-    """The card of a siglip export, exactly: the run's summary.json (scalars) and config.yaml beside the
-    checkpoint's folder; every format has a card (README.md is asserted in each format's own export test)."""
-    assert set(export_cli.CARDS) == set(export_cli.FORMATS) == set(export_cli.EXPORTS)
-    torch.manual_seed(0)
-    task = CLIPTask(image_backbone="vit_shapes", image_backbone_kwargs=VIT, embed_dim=16, vocab_size=50,
-                    context_length=8, text_width=32, text_layers=1, text_heads=2)
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    ckpt = _save(task, run / "checkpoints" / "best.ckpt")
-    (run / "summary.json").write_text('{"test/loss": 0.123456, "epochs": 3, "status": "finished", "lm": {"a": 1}}')
-    (run / "config.yaml").write_text("trainer:\n  max_epochs: 3\n")
-    out = tmp_path / "siglip"
-    export_cli.main(["--ckpt", str(ckpt), "--to", "siglip", "--out", str(out)])
-    config = (run / "config.yaml").resolve()
-    assert (out / "README.md").read_text() == "\n".join([
-        "---", "library_name: transformers", "pipeline_tag: image-feature-extraction", "tags: [siglip, mm-lightning]",
-        "---", "", "# SigLIP vision tower exported from mm-lightning", "",
-        f"Trained with mm-lightning ({ckpt}), exported with `python -m experiments.export --to siglip`.", "",
-        "```python", "from transformers import AutoImageProcessor, SiglipVisionModel",
-        "model = SiglipVisionModel.from_pretrained(DIR)", "processor = AutoImageProcessor.from_pretrained(DIR)",
-        'features = model(**processor(images=image, return_tensors="pt")).last_hidden_state', "```", "",
-        "## Metrics (the run's summary.json)", "", "| metric | value |", "|---|---|",
-        "| epochs | 3 |", "| status | finished |", "| test/loss | 0.1235 |", "",
-        "## Training", "", "```bash", f"python -m experiments.run fit --config {config}", "```", "",
-        "<details><summary>config.yaml</summary>", "", "```yaml", "trainer:", "  max_epochs: 3", "```", "",
-        "</details>", ""])

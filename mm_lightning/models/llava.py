@@ -226,14 +226,50 @@ def save_llava(model: nn.Module, tokenizer: Any, out: str | os.PathLike,
     return llava.config
 
 
-def describe(config: Any) -> str:
-    """The model card's paragraph on a LLaVA config: tower, projector, LM, image tokens."""
+def model_card(config: Any, task: str, summary: dict[str, Any] | None = None, command: str | None = None,
+               run_config: str | None = None) -> str:
+    """A short README.md: what the model is, how to load it, the run's final metrics and how it was trained."""
     vision, text = config.vision_config, config.text_config
-    return (f"Vision tower: {vision.model_type} ({vision.num_hidden_layers} layers, width {vision.hidden_size}, "
-            f"{vision.image_size} px, patch {vision.patch_size}; features of hidden_states[{config.vision_feature_layer}], "
-            f"select strategy {config.vision_feature_select_strategy}); projector Linear-GELU-Linear; language model: "
-            f"{text.model_type} ({text.num_hidden_layers} layers, width {text.hidden_size}, vocabulary {text.vocab_size}). "
-            f"{config.image_seq_length} image tokens per image (`<image>` is id {config.image_token_index}).")
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [llava, mm-lightning]", "---", "",
+        "# LLaVA exported from mm-lightning", "",
+        f"{task}. Vision tower: {vision.model_type} ({vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+        f"{vision.image_size} px, patch {vision.patch_size}; features of hidden_states[{config.vision_feature_layer}], "
+        f"select strategy {config.vision_feature_select_strategy}); projector Linear-GELU-Linear; language model: "
+        f"{text.model_type} ({text.num_hidden_layers} layers, width {text.hidden_size}, vocabulary {text.vocab_size}). "
+        f"{config.image_seq_length} image tokens per image (`<image>` is id {config.image_token_index}).", "",
+        "```python",
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        "model = LlavaForConditionalGeneration.from_pretrained(DIR)",
+        "processor = AutoProcessor.from_pretrained(DIR)",
+        'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]',
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
+        'inputs = processor(images=image, text=prompt, return_tensors="pt")',
+        "answer = model.generate(**inputs, max_new_tokens=32, do_sample=False)",
+        "```", "",
+    ]
+    if summary:
+        lines += ["## Metrics (the run's summary.json)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(summary.items())]
+        lines.append("")
+    if command:
+        lines += ["## Training", "", "```bash", command, "```", ""]
+        if run_config:
+            lines += ["<details><summary>config.yaml</summary>", "", "```yaml", run_config.rstrip(), "```", "",
+                      "</details>", ""]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- in
+@dataclass
+class LlavaParts:
+    """What a LLaVA becomes here: our tower, ``mlp`` connector and causal LM, and its ``<image>`` id."""
+
+    vision: TransformersTower
+    connector: MLPProjector
+    lm: nn.Module
+    image_token_id: int
+    config: Any
 
 
 def llava_source(name: str | os.PathLike | None, option: str = "model.init", strict: bool = True) -> bool:
