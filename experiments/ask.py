@@ -57,80 +57,48 @@ def tokenizer_options(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-class Asker:
-    """A checkpoint loaded once to answer many questions: ``Asker(ckpt)(image_bytes, question)``.
-
-    :func:`ask` is one call of it; :meth:`pixels` and :meth:`prompt_ids` are its image preprocessing and prompt
-    (for comparing another runtime, e.g. the exported LLaVA, on exactly these inputs)."""
-
-    def __init__(self, ckpt: str, tokenizer: str | None = None, config: str | None = None) -> None:
-        from mm_lightning.checkpoint import load_checkpoint
-        from mm_lightning.data.chat_tokenizer import ChatTokenizer
-        from mm_lightning.data.samples import image_transforms
-        from mm_lightning.tasks.vlm import VisionLanguageTask
-
-        if not os.path.isfile(ckpt):
-            raise AskError(f"--ckpt {ckpt}: no such file")
-        cfg = run_config(ckpt, config)
-        hparams = load_checkpoint(ckpt, "--ckpt").get("hyper_parameters") or {}
-        path = tokenizer_path(cfg, hparams.get("tokenizer_path"), tokenizer)
-        self.tokenizer = tok = ChatTokenizer(path, **tokenizer_options(cfg, path))
-        try:
-            tok.end_of_turn_id  # noqa: B018 (loads it: a hub id not cached, a template without markers, ... named here)
-        except ValueError as err:
-            raise AskError(f"{'--tokenizer' if tokenizer else 'the run config tokenizer'} {path}: {err}") from None
-        try:
-            self.task = VisionLanguageTask.from_checkpoint(ckpt, tok).eval()
-        except (ValueError, TypeError, KeyError, RuntimeError) as err:
-            raise AskError(f"--ckpt {ckpt}: {err}") from None
-        pipeline = ((cfg.get("data") or {}).get("pipeline") or {}).get("init_args") or {}
-        tower = self.task.preprocessing  # the vision tower's own; the run's config wins where it spelled mean/std out
-        size = int(pipeline.get("image_size") or tower["image_size"])
-        self.transform = image_transforms(size, False, mean=pipeline.get("mean") or tower["mean"],
-                                          std=pipeline.get("std") or tower["std"])
-
-    def pixels(self, image: bytes, what: str = "the image") -> Any:
-        """``(1, 3, H, W)`` evaluation pixels of an encoded image (PNG, JPEG, WebP bytes)."""
-        from mm_lightning.data.samples import decode_rgb
-
-        try:
-            return self.transform(decode_rgb(image))[None]
-        except RuntimeError as err:
-            raise AskError(f"{what}: cannot decode it ({err})") from None
-
-    def prompt_ids(self, question: str) -> Any:
-        """``(1, L)`` prompt ids: one user turn, the image in front, then the assistant marker."""
-        import torch
-
-        from mm_lightning.data.conversations import encode_segments
-
-        if not question.strip():
-            raise AskError("the question is empty")
-        # parse_conversation's layout: <image> in front of the stripped question, no newline between them
-        ids = encode_segments(self.tokenizer, [("user", f"<image>{question.strip()}", False)],
-                              self.task.num_image_tokens).input_ids
-        return torch.tensor([ids + self.tokenizer.assistant_ids])
-
-    def __call__(self, image: bytes, question: str, max_new_tokens: int | None = None, what: str = "the image") -> str:
-        import torch
-
-        ids = self.prompt_ids(question)
-        pixels = self.pixels(image, what)
-        with torch.no_grad():
-            return self.task.answer(pixels, ids, torch.ones_like(ids), max_new_tokens)[0]
-
-
 def ask(ckpt: str, image: str, question: str, tokenizer: str | None = None, config: str | None = None,
         max_new_tokens: int | None = None) -> str:
     """The model's answer to ``question`` about the image file ``image``."""
+    import torch
+
+    from mm_lightning.checkpoint import load_checkpoint
+    from mm_lightning.data.chat_tokenizer import ChatTokenizer
+    from mm_lightning.data.conversations import encode_segments
+    from mm_lightning.data.samples import decode_rgb, image_transforms
+    from mm_lightning.tasks.vlm import VisionLanguageTask
+
     for path, flag in ((ckpt, "--ckpt"), (image, "--image")):
         if not os.path.isfile(path):
             raise AskError(f"{flag} {path}: no such file")
     if not question.strip():
         raise AskError("the question is empty")
-    asker = Asker(ckpt, tokenizer, config)
-    with open(image, "rb") as f:
-        return asker(f.read(), question, max_new_tokens, what=f"--image {image}")
+    cfg = run_config(ckpt, config)
+    hparams = load_checkpoint(ckpt, "--ckpt").get("hyper_parameters") or {}
+    path = tokenizer_path(cfg, hparams.get("tokenizer_path"), tokenizer)
+    tok = ChatTokenizer(path, **tokenizer_options(cfg, path))
+    try:
+        tok.end_of_turn_id  # noqa: B018 (loads it: a hub id not cached, a template without markers, ... named here)
+    except ValueError as err:
+        raise AskError(f"{'--tokenizer' if tokenizer else 'the run config tokenizer'} {path}: {err}") from None
+    try:
+        task = VisionLanguageTask.from_checkpoint(ckpt, tok).eval()
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise AskError(f"--ckpt {ckpt}: {err}") from None
+    pipeline = ((cfg.get("data") or {}).get("pipeline") or {}).get("init_args") or {}
+    tower = task.preprocessing  # the vision tower's own; the run's config wins where it spelled mean/std out
+    size = int(pipeline.get("image_size") or tower["image_size"])
+    transform = image_transforms(size, False, mean=pipeline.get("mean") or tower["mean"],
+                                 std=pipeline.get("std") or tower["std"])
+    try:
+        with open(image, "rb") as f:
+            pixels = transform(decode_rgb(f.read()))[None]
+    except RuntimeError as err:
+        raise AskError(f"--image {image}: cannot decode it ({err})") from None
+    # parse_conversation's layout: <image> in front of the stripped question, no newline between them
+    ids = encode_segments(tok, [("user", f"<image>{question.strip()}", False)], task.num_image_tokens).input_ids
+    ids = torch.tensor([ids + tok.assistant_ids])
+    return task.answer(pixels, ids, torch.ones_like(ids), max_new_tokens)[0]
 
 
 def main(argv: list[str] | None = None) -> str:
